@@ -1,0 +1,127 @@
+"""Small helpers shared by the engine modules: chunked head calls, state guards, input checks."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Head",
+    "evaluate_head",
+    "margin",
+    "preserved_training_flags",
+    "preserved_rng_state",
+    "check_feature_map",
+]
+
+Head = Callable[[torch.Tensor], torch.Tensor]
+"""A head maps feature maps ``(B, C, H, W)`` to logits ``(B, num_classes)``."""
+
+
+def evaluate_head(head: Head, features: torch.Tensor, chunk_size: int = 1024,
+                  num_classes: Optional[int] = None) -> torch.Tensor:
+    """Run ``head`` on ``features`` in chunks and return float32 logits.
+
+    Args:
+        head: the classifier head.
+        features: ``(B, C, H, W)`` feature maps.
+        chunk_size: most feature maps per head call (bounds peak memory).
+        num_classes: when given, the logits must have this many columns.
+
+    Returns:
+        ``(B, K)`` float32 logits on ``features.device``.
+
+    Raises:
+        ValueError: when the head does not return ``(B, K)`` logits (or not ``num_classes`` of them).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"Expected `chunk_size` to be a positive integer, but got {chunk_size}.")
+    outs = []
+    for start in range(0, features.shape[0], chunk_size):
+        chunk = features[start:start + chunk_size]
+        out = head(chunk)
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != chunk.shape[0]:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"Expected the head to return logits of shape ({chunk.shape[0]}, num_classes) for "
+                f"feature maps of shape {tuple(chunk.shape)}, but got {shape}. Check the model split "
+                "(`features`/`head`) or pass explicit callables.")
+        if num_classes is not None and out.shape[1] != num_classes:
+            raise ValueError(
+                f"Expected the head to return {num_classes} class logits, but got {out.shape[1]}. "
+                "Check `num_classes` and the model split.")
+        outs.append(out.float())
+    if not outs:
+        return torch.zeros(0, num_classes or 0, device=features.device)
+    return torch.cat(outs)
+
+
+def margin(logits: torch.Tensor, true: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """Evidence for the mistake: ``logit_pred - logit_true`` per row.
+
+    Args:
+        logits: ``(B, K)``.
+        true: ``(B,)`` true classes.
+        pred: ``(B,)`` (wrongly) predicted classes.
+    """
+    return logits.gather(1, pred[:, None]).squeeze(1) - logits.gather(1, true[:, None]).squeeze(1)
+
+
+@contextlib.contextmanager
+def preserved_training_flags(*modules: Optional[nn.Module], eval_mode: bool = True) -> Iterator[None]:
+    """Put ``modules`` (and all their children) in eval mode and restore every flag afterwards.
+
+    Restores each submodule's own ``training`` flag, also when the body raises.
+    """
+    saved = [(m, m.training) for mod in modules if isinstance(mod, nn.Module) for m in mod.modules()]
+    try:
+        if eval_mode:
+            for m, _ in saved:
+                m.training = False
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def preserved_rng_state(devices: Optional[list[torch.device]] = None) -> Iterator[None]:
+    """Save the global CPU (and CUDA, for ``devices``) RNG state and restore it afterwards."""
+    cpu_state = torch.get_rng_state()
+    cuda_states = []
+    if torch.cuda.is_available():
+        for dev in devices or []:
+            dev = torch.device(dev)
+            if dev.type == "cuda":
+                cuda_states.append((dev, torch.cuda.get_rng_state(dev)))
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        for dev, state in cuda_states:
+            torch.cuda.set_rng_state(state, dev)
+
+
+def check_feature_map(features: object, name: str = "features") -> torch.Tensor:
+    """Check that ``features`` is a spatial feature map ``(N, C, H, W)`` and return it.
+
+    Raises:
+        TypeError: when it is not a tensor.
+        ValueError: when it is not 4-D with a spatial grid.
+    """
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"Expected `{name}` to be a torch.Tensor of shape (N, C, H, W), but got "
+                        f"{type(features).__name__}.")
+    if features.dim() != 4:
+        hint = (" The split point produces non-spatial features (e.g. after global pooling or the "
+                "flatten of a classifier); split the model earlier, at a layer whose output is a "
+                "(N, C, H, W) feature map.") if features.dim() == 2 else ""
+        raise ValueError(f"Expected `{name}` to be a spatial feature map of shape (N, C, H, W), but "
+                         f"got shape {tuple(features.shape)}.{hint}")
+    if features.shape[2] * features.shape[3] < 2:
+        raise ValueError(f"Expected `{name}` to have a spatial grid of at least 2 cells, but got "
+                         f"H×W = {features.shape[2]}×{features.shape[3]}. Split the model earlier.")
+    return features

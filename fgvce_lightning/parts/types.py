@@ -1,0 +1,92 @@
+"""Result types for part labels and per-part error statistics (shared by parts, reporting, callback)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+__all__ = ["PartInfo", "PartStat", "PairStat", "EpochStats"]
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """A part the statistics talk about.
+
+    Attributes:
+        id: integer id (index into the part list).
+        name: human-readable name (``"beak"``, or ``"part 3"`` for a discovered prototype not yet named).
+        source: ``"keypoints"``, ``"masks"`` or ``"prototypes"``.
+    """
+
+    id: int
+    name: str
+    source: str
+
+
+@dataclass(frozen=True)
+class PartStat:
+    """Per-part statistics over the explained mistakes of one epoch.
+
+    Attributes:
+        part: part name.
+        error_share: share of explained mistakes whose (minimal) edit set touches the part.
+        count: number of explained mistakes whose edit set touches the part.
+        contribution_share: share of the positive contribution mass (over all explained mistakes)
+            that falls on cells of this part.
+        edit_cells: number of edited cells labelled with this part.
+    """
+
+    part: str
+    error_share: float
+    count: int
+    contribution_share: float = 0.0
+    edit_cells: int = 0
+
+
+@dataclass(frozen=True)
+class PairStat:
+    """Statistics of one confusion pair (true → predicted).
+
+    Attributes:
+        true: true class.
+        pred: predicted class.
+        count: explained mistakes of this pair.
+        part_counts: part name → number of this pair's explained mistakes whose edits touch it.
+        dominant_parts: part names sorted by ``part_counts`` (most frequent first, ties by name).
+        example_indices: indices (into the epoch's samples list) of up to a few examples.
+    """
+
+    true: int
+    pred: int
+    count: int
+    part_counts: dict[str, int] = field(default_factory=dict)
+    dominant_parts: tuple[str, ...] = ()
+    example_indices: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """Aggregated statistics of one explained validation epoch.
+
+    Attributes:
+        num_misclassified: mistakes seen in the epoch (all ranks).
+        num_explained: mistakes the search ran on (skipped ones excluded).
+        num_skipped: mistakes that were selected but skipped (with a reason).
+        flip_rate: share of explained mistakes whose edits flip the prediction to the true class.
+        mean_edits: mean number of edits over successful explanations (``nan`` if none).
+        parts: the parts known this epoch.
+        part_stats: one entry per part, sorted by ``error_share`` descending.
+        pair_stats: one entry per confusion pair, sorted by ``count`` descending.
+        semantic_consistency: share of edited cells whose query and reference cells carry the same
+            part label (``None`` when no part labels are available).
+    """
+
+    num_misclassified: int
+    num_explained: int
+    num_skipped: int
+    flip_rate: float
+    mean_edits: float
+    parts: tuple[PartInfo, ...] = ()
+    part_stats: tuple[PartStat, ...] = ()
+    pair_stats: tuple[PairStat, ...] = ()
+    semantic_consistency: Optional[float] = None

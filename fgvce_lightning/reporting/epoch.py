@@ -1,0 +1,68 @@
+"""What the callback hands to the reporters for one explained validation epoch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..engine.results import Explanation
+from ..parts.types import EpochStats
+
+__all__ = ["ExplainedSample", "EpochResult"]
+
+
+@dataclass(frozen=True)
+class ExplainedSample:
+    """One explained (or skipped) validation mistake with everything needed to show it.
+
+    Attributes:
+        explanation: the engine's result.
+        query_id: ``(dataloader_idx, batch_idx, position)`` of the validation sample.
+        thumbnail: ``(3, h, w)`` uint8 CPU image of the query, or ``None``.
+        reference_thumbnails: per edit, ``(3, h, w)`` uint8 image of that edit's reference sample
+            (``None`` where not kept).
+        edit_parts: per edit, the part names of its query cells (deduplicated, sorted).
+        reference_parts: per edit, the part names of its reference cells.
+        cell_parts: ``(H, W)`` list-of-lists of part-name tuples for the query's cells, or ``None``.
+        rank: the process that explained it.
+    """
+
+    explanation: Explanation
+    query_id: tuple[int, int, int]
+    thumbnail: Optional[torch.Tensor] = None
+    reference_thumbnails: tuple[Optional[torch.Tensor], ...] = ()
+    edit_parts: tuple[tuple[str, ...], ...] = ()
+    reference_parts: tuple[tuple[str, ...], ...] = ()
+    cell_parts: Optional[list] = None
+    rank: int = 0
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """Everything reported for one validation epoch.
+
+    Attributes:
+        epoch: current epoch (0-based, as Lightning counts).
+        global_step: trainer global step.
+        feature_grid: ``(H, W)`` of the feature maps.
+        input_size: ``(H, W)`` of the input images.
+        samples: the explained (and skipped) mistakes.
+        stats: aggregated statistics.
+        class_names: optional class names (index → name).
+        failures: explanation failures of this epoch, as messages.
+        elapsed_s: seconds spent explaining.
+        method: search strategy name.
+    """
+
+    epoch: int
+    global_step: int
+    feature_grid: tuple[int, int]
+    input_size: tuple[int, int]
+    samples: tuple[ExplainedSample, ...]
+    stats: EpochStats
+    class_names: Optional[tuple[str, ...]] = None
+    failures: tuple[str, ...] = ()
+    elapsed_s: float = 0.0
+    method: str = "fgvce"
