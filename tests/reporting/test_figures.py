@@ -1,0 +1,64 @@
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+import fgvce_lightning.reporting as reporting
+from fgvce_lightning.parts.types import EpochStats
+from fgvce_lightning.reporting.figures import (class_label, confusion_part_heatmap,
+                                               figure_to_image, part_error_figure)
+
+
+def _check_image(image):
+    assert isinstance(image, torch.Tensor) and image.dtype == torch.uint8
+    assert image.dim() == 3 and image.shape[0] == 3 and min(image.shape[1:]) > 50
+    assert image.float().std() > 5   # something is drawn
+
+
+def test_part_error_figure(result):
+    fig = part_error_figure(result.stats)
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["head", "left wing"]
+    assert sorted(p.get_width() for p in ax.patches) == pytest.approx([0.4, 0.5, 0.5, 0.6])
+    _check_image(figure_to_image(fig))
+
+
+def test_confusion_part_heatmap(result):
+    fig = confusion_part_heatmap(result.stats, result.class_names)
+    data = fig.axes[0].images[0].get_array()
+    assert data.shape == (2, 2)
+    assert data.tolist() == [[1.0, 0.0], [0.0, 1.0]]   # pair (1→2) touched head, (3→4) left wing
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels[0].startswith("1 (frigatebird) → 2")
+    _check_image(figure_to_image(fig))
+    assert len(confusion_part_heatmap(result.stats, max_pairs=1).axes[0].images[0].get_array()) == 1
+    with pytest.raises(ValueError, match="max_pairs"):
+        confusion_part_heatmap(result.stats, max_pairs=0)
+
+
+def test_empty_statistics_give_a_note_not_an_error():
+    empty = EpochStats(num_misclassified=0, num_explained=0, num_skipped=0, flip_rate=float("nan"),
+                       mean_edits=float("nan"))
+    for fig in (part_error_figure(empty), confusion_part_heatmap(empty)):
+        _check_image(figure_to_image(fig))
+    with pytest.raises(TypeError, match="Figure"):
+        figure_to_image("not a figure")
+    assert class_label(3, ["a"]) == "3" and class_label(0, ["a"]) == "0 (a)"
+
+
+def test_reporting_layer_imports_no_lightning_pyplot_or_tensorboard():
+    root = Path(reporting.__file__).parent
+    forbidden = ("lightning", "pytorch_lightning", "matplotlib.pyplot", "tensorboard",
+                 "torch.utils.tensorboard", "pylab")
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                assert not name.startswith(forbidden), f"{path.name} imports {name}"

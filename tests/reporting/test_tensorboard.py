@@ -1,0 +1,106 @@
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.util import tensor_util
+from torch.utils.tensorboard import SummaryWriter
+
+from fgvce_lightning.reporting.tensorboard import (TensorBoardReporter, markdown_summary,
+                                                   select_samples)
+
+
+def _read(path):
+    ea = EventAccumulator(str(path), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    ea.Reload()
+    return ea
+
+
+def test_summary_writer_round_trip(tmp_path, make_result):
+    writer = SummaryWriter(str(tmp_path))
+    reporter = TensorBoardReporter(writer, max_images=8)
+    reporter.log_epoch(make_result(epoch=3), step=5)
+    reporter.log_epoch(make_result(epoch=4), step=10)
+    writer.close()
+    ea = _read(tmp_path)
+    tags = ea.Tags()
+
+    flips = ea.Scalars("fgvce/flip_rate")
+    assert [(e.step, e.value) for e in flips] == [(5, 0.5), (10, 0.5)]
+    assert ea.Scalars("fgvce/part_error_share/left_wing")[0].value == 0.5
+    assert ea.Scalars("fgvce/misclassified")[-1].value == 10
+
+    # sample 0 has every panel; sample 1 only a trajectory; the skipped sample gets none
+    for tag in ("fgvce/samples/0", "fgvce/query/0", "fgvce/contributions/0", "fgvce/reference/0",
+                "fgvce/trajectory/0", "fgvce/samples/1", "fgvce/trajectory/1",
+                "fgvce/figures/part_errors", "fgvce/figures/confusion_parts"):
+        assert tag in tags["images"], tag
+    assert "fgvce/samples/2" not in tags["images"] and "fgvce/query/1" not in tags["images"]
+    image = ea.Images("fgvce/samples/0")[0]
+    assert image.step == 5 and image.width > image.height > 100
+    assert image.encoded_image_string.startswith(b"\x89PNG")
+
+    text = ea.Tensors("fgvce/summary/text_summary")
+    assert [t.step for t in text] == [5, 10]
+    markdown = tensor_util.make_ndarray(text[0].tensor_proto).item().decode()
+    assert "| 1 (frigatebird) → 2 (&lt;b&gt;gull &amp; tern&lt;/b&gt;) | 1 | head (1) | 0/5/17 |" in markdown
+
+    # the custom-scalars layout is written once, and matches the scalar tags
+    assert "custom_scalars__config__" in ea.PluginTagToContent("custom_scalars")
+    configs = ea.Tensors("custom_scalars__config__")
+    assert len(configs) == 1
+    layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(configs[0].tensor_proto).item())
+    (category,) = layout.category
+    assert category.title == "part-error panels"
+    charts = {c.title: list(c.multiline.tag) for c in category.chart}
+    assert charts["part error share (all parts)"] == [r"^fgvce/part_error_share/.*"]
+    assert charts["part: left wing"][0] == r"^fgvce/part_error_share/left_wing$"
+
+
+class _Recorder:
+    """A writer with scalars and text only (no images, no custom scalars)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def add_scalar(self, tag, value, step):
+        self.calls.append(("scalar", tag, value, step))
+
+    def add_text(self, tag, text, step):
+        self.calls.append(("text", tag, text, step))
+
+
+class _Logger:
+    def __init__(self, experiment):
+        self.experiment = experiment
+
+
+def test_duck_typed_writers_and_logger_unwrapping(result):
+    recorder = _Recorder()
+    reporter = TensorBoardReporter(_Logger(recorder), prefix="cf")
+    assert reporter.writer is recorder
+    reporter.log_epoch(result)                    # step defaults to the global step
+    kinds = {c[0] for c in recorder.calls}
+    assert kinds == {"scalar", "text"}
+    assert ("scalar", "cf/flip_rate", 0.5, 1200) in recorder.calls
+    recorder.calls.clear()
+    reporter.log_epoch(result, step=7, scalars=False)   # scalars went through log_metrics
+    assert [c[:2] for c in recorder.calls] == [("text", "cf/summary")]
+
+
+def test_bad_arguments(result):
+    with pytest.raises(TypeError, match="SummaryWriter-like"):
+        TensorBoardReporter(object())
+    with pytest.raises(ValueError, match="max_images"):
+        TensorBoardReporter(_Recorder(), max_images=-1)
+    with pytest.raises(ValueError, match="prefix"):
+        TensorBoardReporter(_Recorder(), prefix="")
+    with pytest.raises(TypeError, match="EpochResult"):
+        TensorBoardReporter(_Recorder()).log_epoch({"epoch": 1}, 0)
+
+
+def test_select_samples_and_summary(result):
+    assert select_samples(result, 8) == [0, 1]        # skipped sample 2 has nothing to show
+    assert select_samples(result, 1) == [0]
+    text = markdown_summary(result)
+    assert "2 of 10 mistakes explained" in text and "| 0.500 | 2.00 | 0.750 |" in text
+    assert "| left wing | 0.500 | 1 | 0.400 |" in text
+    assert "non-finite features" in text
