@@ -1,0 +1,166 @@
+"""Reference candidate cells and cosine matching (FG-VCE steps 2 and 4).
+
+The reference cells that may replace query cells are the ones carrying the most evidence for the
+true class ``y`` over the predicted class ``p``. Evidence is gradient × input of
+``s = logit_y - logit_p`` at the reference map (the exact per-cell contribution for a GAP + linear
+head). Query cells are matched to candidates by cosine similarity of their feature vectors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._util import Head
+
+__all__ = [
+    "reference_cell_scores",
+    "select_candidates",
+    "match_cells",
+    "assign_region_references",
+]
+
+
+def reference_cell_scores(head: Head, references: torch.Tensor, valid: torch.Tensor,
+                          true: torch.Tensor, pred: torch.Tensor, *, chunk_size: int = 1024
+                          ) -> Optional[torch.Tensor]:
+    """Evidence of every reference cell for ``true`` over ``pred``: gradient × input of ``s``.
+
+    Gradients are taken with :func:`torch.autograd.grad` with respect to a clone of the input only
+    (parameters' ``.grad`` are never touched), with autograd re-enabled even inside
+    ``torch.inference_mode()`` / ``torch.no_grad()`` (Lightning validates under inference mode).
+
+    Args:
+        head: maps ``(B, C, H, W)`` to logits ``(B, num_classes)``.
+        references: ``(N, K, C, H, W)`` reference maps per query.
+        valid: ``(N, K)`` bool, which references exist.
+        true: ``(N,)`` true classes.
+        pred: ``(N,)`` predicted classes.
+        chunk_size: most reference maps per head call.
+
+    Returns:
+        ``(N, K, H, W)`` float32 scores (0 where not valid), or ``None`` when the head is not
+        differentiable (autograd fails, or gives non-finite or all-zero gradients).
+    """
+    n, k, c, h, w = references.shape
+    device = references.device
+    q_idx, k_idx = valid.nonzero(as_tuple=True)
+    scores = torch.zeros(n, k, h, w, dtype=torch.float32, device=device)
+    if q_idx.numel() == 0:
+        return scores
+    chunks = []
+    with torch.inference_mode(False), torch.enable_grad():
+        # tensors made under inference mode can't be saved for backward: work on clones
+        true, pred = true.clone(), pred.clone()
+        for start in range(0, q_idx.numel(), chunk_size):
+            qi, ki = q_idx[start:start + chunk_size], k_idx[start:start + chunk_size]
+            x = references[qi, ki].float().clone().requires_grad_(True)
+            logits = head(x)
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+                return None
+            s = logits.gather(1, true[qi, None]) - logits.gather(1, pred[qi, None])
+            try:
+                (grad,) = torch.autograd.grad(s.sum(), (x,))
+            except RuntimeError:  # not differentiable (e.g. the head detaches its output)
+                return None
+            chunks.append((grad.detach() * x.detach()).sum(1).float())
+    flat = torch.cat(chunks)
+    if not bool(torch.isfinite(flat).all()) or not bool((flat != 0).any()):
+        return None
+    scores[q_idx, k_idx] = flat
+    return scores
+
+
+def select_candidates(scores: Optional[torch.Tensor], valid: torch.Tensor, fraction: float,
+                      grid: tuple[int, int]) -> torch.Tensor:
+    """Keep the top ``fraction`` of each query's reference cells (over all its references).
+
+    Args:
+        scores: ``(N, K, H, W)`` evidence per reference cell, or ``None`` to keep every cell.
+        valid: ``(N, K)`` bool.
+        fraction: in ``(0, 1]``; at least one cell is kept per query with a reference.
+        grid: ``(H, W)``.
+
+    Returns:
+        ``(N, K, H*W)`` bool candidate mask (never set on invalid references).
+    """
+    n, k = valid.shape
+    hw = grid[0] * grid[1]
+    cell_valid = valid[:, :, None].expand(n, k, hw)
+    if scores is None or fraction >= 1.0:
+        return cell_valid.clone()
+    flat = scores.reshape(n, k * hw).masked_fill(~cell_valid.reshape(n, k * hw), -math.inf)
+    keep = torch.ceil(valid.sum(1).float() * hw * fraction).long().clamp(min=1)
+    order = torch.argsort(flat, dim=1, descending=True, stable=True)
+    ranked = torch.arange(k * hw, device=valid.device)[None, :] < keep[:, None]
+    cand = torch.zeros(n, k * hw, dtype=torch.bool, device=valid.device)
+    cand.scatter_(1, order, ranked)
+    return cand.view(n, k, hw) & cell_valid
+
+
+def match_cells(query: torch.Tensor, references: torch.Tensor, candidates: torch.Tensor,
+                max_offset: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best cosine match of every query cell among each reference's candidate cells.
+
+    Args:
+        query: ``(N, C, H, W)``.
+        references: ``(N, K, C, H, W)``.
+        candidates: ``(N, K, H*W)`` bool.
+        max_offset: when given, a query cell only matches reference cells at most this many rows
+            and columns away (a spatial prior for roughly aligned objects); a cell with no
+            candidate in reach may take any reference cell in reach.
+
+    Returns:
+        ``best_sim`` ``(N, H*W, K)`` float32 (``-inf`` for a reference without candidates) and
+        ``best_cell`` ``(N, H*W, K)`` int64 index of the matched reference cell.
+    """
+    n, k, c, h, w = references.shape
+    hw = h * w
+    qn = F.normalize(query.float().reshape(n, c, hw), dim=1)                  # (N, C, HW)
+    rn = F.normalize(references.float().reshape(n, k, c, hw), dim=2)          # (N, K, C, HW)
+    rn = rn.permute(0, 2, 1, 3).reshape(n, c, k * hw)
+    sim = torch.bmm(qn.transpose(1, 2), rn).view(n, hw, k, hw)               # (N, HW, K, HW)
+    allowed = candidates[:, None]                                             # (N, 1, K, HW)
+    if max_offset is not None:
+        rows = torch.arange(hw, device=query.device) // w
+        cols = torch.arange(hw, device=query.device) % w
+        near = (((rows[:, None] - rows[None]).abs() <= max_offset)
+                & ((cols[:, None] - cols[None]).abs() <= max_offset))[None, :, None, :]
+        allowed = allowed & near                                              # (N, HW, K, HW)
+        stranded = ~allowed.flatten(2).any(2)                                 # (N, HW)
+        usable = candidates.any(2)[:, None, :, None]                          # refs with candidates
+        allowed = allowed | (stranded[:, :, None, None] & near & usable)
+    sim.masked_fill_(~allowed, -math.inf)
+    best_sim, best_cell = sim.max(dim=3)
+    return best_sim, best_cell
+
+
+def assign_region_references(best_sim: torch.Tensor, best_cell: torch.Tensor,
+                             regions: torch.Tensor, num_regions: int
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Choose one reference per region and the matched reference cell of every query cell.
+
+    The reference of region ``r`` maximises the summed best-match similarity over the region's
+    cells; each cell then takes its best candidate cell within that reference.
+
+    Args:
+        best_sim: ``(N, HW, K)`` from :func:`match_cells`.
+        best_cell: ``(N, HW, K)`` from :func:`match_cells`.
+        regions: ``(N, HW)`` int64 region id of every cell.
+        num_regions: upper bound on region ids (``regions.max() + 1``).
+
+    Returns:
+        ``region_ref`` ``(N, R)`` chosen reference per region, and per cell ``cell_ref`` ``(N, HW)``,
+        ``cell_match`` ``(N, HW)`` (reference cell index) and ``cell_sim`` ``(N, HW)``.
+    """
+    n, hw, k = best_sim.shape
+    totals = torch.zeros(n, num_regions, k, dtype=best_sim.dtype, device=best_sim.device)
+    totals.scatter_add_(1, regions[:, :, None].expand(n, hw, k), best_sim)
+    region_ref = totals.argmax(dim=2)                                         # (N, R)
+    cell_ref = region_ref.gather(1, regions)                                  # (N, HW)
+    cell_match = best_cell.gather(2, cell_ref[:, :, None]).squeeze(2)
+    cell_sim = best_sim.gather(2, cell_ref[:, :, None]).squeeze(2)
+    return region_ref, cell_ref, cell_match, cell_sim

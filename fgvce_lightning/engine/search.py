@@ -1,0 +1,404 @@
+"""FG-VCE counterfactual search: contributions → regions → iterative region swaps → minimality.
+
+For a batch of misclassified queries (feature maps of class ``true`` predicted as ``pred``) the
+search finds, per query, the few regions of the feature map that, replaced by the matching cells
+of one correctly classified reference of class ``true``, make the head predict ``true``:
+
+1. references of class ``true`` from the :class:`~fgvce_lightning.engine.bank.ReferenceBank`;
+2. candidate reference cells: the top ``candidate_fraction`` by gradient × input evidence;
+3. local Shapley contributions of every query cell (``absent`` = its best candidate match);
+4. regions grown from the contribution map, one reference per region;
+5. all queries in lock-step apply their next region, one head call per step, until they flip;
+6. minimality pass: drop edits the flip does not need, then recompute the trajectory.
+
+Loops run over steps only; every step is one batched (chunked) head call for all queries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ._util import (Head, check_feature_map, evaluate_head, preserved_rng_state,
+                    preserved_training_flags)
+from .bank import ReferenceBank
+from .candidates import (assign_region_references, match_cells, reference_cell_scores,
+                         select_candidates)
+from .contributions import local_shapley
+from .partition import grow_regions
+from .results import Edit, Explanation
+
+__all__ = ["SearchConfig", "counterfactual_search"]
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Parameters of the counterfactual search.
+
+    Attributes:
+        window: odd size of the local Shapley window (players of each cell's game).
+        num_samples: Monte Carlo permutations per cell.
+        antithetic: pair every permutation with its reverse.
+        candidate_fraction: share of the reference cells (by evidence for ``true`` over ``pred``)
+            that may replace query cells, in ``(0, 1]``.
+        max_edits: most region edits per query (for ``greedy_search``: see its ``max_cells``).
+        minimality: drop edits that the flip does not need after the search.
+        chunk_size: most feature maps per head call.
+        seed: seed of the engine's own generator (the global RNG is never used).
+        num_classes: number of classes of the head (default: the bank's).
+        region_threshold: ``threshold`` of :func:`grow_regions`.
+        max_region_size: ``max_region_size`` of :func:`grow_regions` (``None``: its default).
+        max_offset: spatial prior of the matching: a query cell only takes reference cells at
+            most this many rows/columns away (``None``: anywhere, pure cosine matching; ``0``
+            suits roughly aligned objects).
+    """
+
+    window: int = 3
+    num_samples: int = 2
+    antithetic: bool = True
+    candidate_fraction: float = 0.25
+    max_edits: int = 8
+    minimality: bool = True
+    chunk_size: int = 1024
+    seed: int = 0
+    num_classes: Optional[int] = None
+    region_threshold: float = 0.5
+    max_region_size: Optional[int] = None
+    max_offset: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for name in ("window", "num_samples", "max_edits", "chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Expected `{name}` to be a positive integer, but got {value!r}.")
+        if self.window % 2 == 0:
+            raise ValueError(f"Expected `window` to be odd (a k×k window centred on the cell), but "
+                             f"got {self.window}.")
+        if not 0.0 < float(self.candidate_fraction) <= 1.0:
+            raise ValueError(f"Expected `candidate_fraction` to be in (0, 1], but got "
+                             f"{self.candidate_fraction!r}.")
+        if self.max_offset is not None and (isinstance(self.max_offset, bool)
+                                            or not isinstance(self.max_offset, int)
+                                            or self.max_offset < 0):
+            raise ValueError(f"Expected `max_offset` to be a non-negative integer or None, but got "
+                             f"{self.max_offset!r}.")
+        if self.num_classes is not None and (not isinstance(self.num_classes, int)
+                                             or self.num_classes < 2):
+            raise ValueError(f"Expected `num_classes` to be an integer >= 2 or None, but got "
+                             f"{self.num_classes!r}.")
+
+
+@dataclass
+class _Batch:
+    """The explainable queries of a batch, with their references (float32, query device)."""
+
+    index: torch.Tensor        # (M,) positions in the caller's batch
+    query: torch.Tensor        # (M, C, H, W)
+    true: torch.Tensor         # (M,)
+    pred: torch.Tensor         # (M,)
+    p_true: torch.Tensor       # (M,) before any edit
+    p_pred: torch.Tensor       # (M,)
+    refs: torch.Tensor         # (M, K, C, H, W)
+    ref_ids: torch.Tensor      # (M, K, id_width)
+    valid: torch.Tensor        # (M, K)
+    evals: torch.Tensor        # (M,) int64 head evaluations so far
+    num_classes: int
+    results: list              # (N,) Explanation for skipped queries, None otherwise
+
+
+def _modules_of(head: Head, modules: Sequence[nn.Module]) -> list[nn.Module]:
+    found = [m for m in modules if isinstance(m, nn.Module)]
+    if isinstance(head, nn.Module):
+        found.append(head)
+    owner = getattr(head, "__self__", None)
+    if isinstance(owner, nn.Module):
+        found.append(owner)
+    return found
+
+
+def _check_labels(labels: object, name: str, n: int, num_classes: int,
+                  device: torch.device) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor):
+        labels = torch.as_tensor(labels)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or tuple(labels.shape) != (n,):
+        raise ValueError(f"Expected `{name}` to be an integer tensor of shape ({n},), but got shape "
+                         f"{tuple(labels.shape)} and dtype {labels.dtype}.")
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"Expected `{name}` to lie in [0, {num_classes}), but got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]. Check `num_classes`.")
+    return labels.to(device=device, dtype=torch.long)
+
+
+def _prepare(head: Head, queries: torch.Tensor, true: object, pred: object, bank: ReferenceBank,
+             config: SearchConfig, method: str) -> _Batch:
+    """Check inputs, evaluate the unedited queries, pick the explainable ones, gather references."""
+    queries = check_feature_map(queries, "queries")
+    if not isinstance(bank, ReferenceBank):
+        raise TypeError(f"Expected `bank` to be a ReferenceBank, but got {type(bank).__name__}.")
+    if tuple(queries.shape[1:]) != bank.feature_shape:
+        raise ValueError(f"Expected `queries` to have feature maps of the bank's shape "
+                         f"{bank.feature_shape}, but got {tuple(queries.shape[1:])}. Use the same "
+                         "split point for the bank and the queries.")
+    num_classes = config.num_classes or bank.num_classes
+    if num_classes != bank.num_classes:
+        raise ValueError(f"Expected `config.num_classes` ({num_classes}) to equal the bank's "
+                         f"num_classes ({bank.num_classes}).")
+    n, device = queries.shape[0], queries.device
+    true = _check_labels(true, "true", n, num_classes, device)
+    pred = _check_labels(pred, "pred", n, num_classes, device)
+    query = queries.detach().float()
+    reasons: list = [None] * n
+    finite = torch.isfinite(query).flatten(1).all(1)
+    has_refs = bank.counts().to(device)[true] > 0
+    logits = torch.zeros(n, num_classes, device=device)
+    if bool(finite.any()):
+        logits[finite] = evaluate_head(head, query[finite], config.chunk_size, num_classes)
+    logits_ok = torch.isfinite(logits).all(1)
+    # per-query bookkeeping of skip reasons on python lists (one transfer, no tensor work)
+    true_l, pred_l = true.tolist(), pred.tolist()
+    rows = zip(finite.tolist(), true_l, pred_l, logits_ok.tolist(), logits.argmax(1).tolist(),
+               has_refs.tolist())
+    for i, (fin, t, p, lok, am, refs_ok) in enumerate(rows):
+        if not fin:
+            reasons[i] = "non-finite values (NaN/inf) in the query feature map"
+        elif t == p:
+            reasons[i] = f"not a misclassification: true == pred == {t}"
+        elif not lok:
+            reasons[i] = "the head returned non-finite logits for the query"
+        elif am == t:
+            reasons[i] = f"the head already predicts the true class {t}"
+        elif not refs_ok:
+            reasons[i] = f"no reference feature maps of the true class {t} in the bank yet"
+    results = [None if r is None else Explanation.skipped_query(i, true_l[i], pred_l[i], r,
+                                                                method=method)
+               for i, r in enumerate(reasons)]
+    index = torch.tensor([i for i, r in enumerate(reasons) if r is None], dtype=torch.long,
+                         device=device)
+    probs = logits[index].softmax(1)
+    t, p = true[index], pred[index]
+    refs, ref_ids, valid = bank.gather(t.to(bank.device))
+    refs = refs.to(device=device, dtype=torch.float32)
+    return _Batch(index=index, query=query[index], true=t, pred=p,
+                  p_true=probs.gather(1, t[:, None]).squeeze(1),
+                  p_pred=probs.gather(1, p[:, None]).squeeze(1),
+                  refs=refs, ref_ids=ref_ids.to(device), valid=valid.to(device),
+                  evals=torch.ones(index.numel(), dtype=torch.long, device=device),
+                  num_classes=num_classes, results=results)
+
+
+def _evaluate(head: Head, feats: torch.Tensor, true: torch.Tensor, pred: torch.Tensor,
+              config: SearchConfig, num_classes: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Head on ``feats``: ``p_true``, ``p_pred``, ``argmax`` and the true-class margin."""
+    logits = evaluate_head(head, feats, config.chunk_size, num_classes)
+    probs = logits.softmax(1)
+    lt = logits.gather(1, true[:, None]).squeeze(1)
+    others = logits.scatter(1, true[:, None], float("-inf")).max(1).values
+    return (probs.gather(1, true[:, None]).squeeze(1), probs.gather(1, pred[:, None]).squeeze(1),
+            logits.argmax(1), lt - others)
+
+
+def counterfactual_search(head: Head, queries: torch.Tensor, true: torch.Tensor,
+                          pred: torch.Tensor, bank: ReferenceBank,
+                          config: SearchConfig = SearchConfig(),
+                          generator: Optional[torch.Generator] = None, *,
+                          modules: Sequence[nn.Module] = ()) -> list[Explanation]:
+    """Explain a batch of misclassifications with FG-VCE region swaps.
+
+    The head runs in eval mode; every module's ``training`` flag, the global RNG state and the
+    parameters' ``.grad`` are left as they were (also when the head raises).
+
+    Args:
+        head: maps feature maps ``(B, C, H, W)`` to logits ``(B, num_classes)``.
+        queries: ``(N, C, H, W)`` feature maps of the misclassified samples.
+        true: ``(N,)`` true classes.
+        pred: ``(N,)`` predicted (wrong) classes.
+        bank: references of correctly classified samples per class.
+        config: search parameters.
+        generator: randomness of the Shapley sampling (default: seeded with ``config.seed``).
+        modules: modules to put in eval mode during the search besides ``head`` itself (e.g. the
+            LightningModule when ``head`` is a plain function).
+
+    Returns:
+        One :class:`Explanation` per query, in order; skipped queries (non-finite features, no
+        reference of the true class, not a mistake) carry a ``skipped_reason``.
+
+    Raises:
+        TypeError, ValueError: on malformed inputs, a shape mismatch with the bank, or a head
+            that does not return ``(B, num_classes)`` logits.
+    """
+    if not isinstance(config, SearchConfig):
+        raise TypeError(f"Expected `config` to be a SearchConfig, but got {type(config).__name__}.")
+    device = queries.device if isinstance(queries, torch.Tensor) else torch.device("cpu")
+    with preserved_training_flags(*_modules_of(head, modules)), preserved_rng_state([device]), \
+            torch.no_grad():
+        batch = _prepare(head, queries, true, pred, bank, config, "fgvce")
+        if batch.index.numel() == 0:
+            return batch.results
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(config.seed)
+        return _search(head, batch, config, generator)
+
+
+def _search(head: Head, b: _Batch, config: SearchConfig, generator: torch.Generator
+            ) -> list[Explanation]:
+    m, c, h, w = b.query.shape
+    hw, device = h * w, b.query.device
+    num_classes = b.num_classes
+    rows = torch.arange(m, device=device)
+
+    # 2. candidate reference cells (one gradient pass per reference map)
+    scores = reference_cell_scores(head, b.refs, b.valid, b.true, b.pred,
+                                   chunk_size=config.chunk_size)
+    b.evals += b.valid.sum(1)
+    cand = select_candidates(scores, b.valid, config.candidate_fraction, (h, w))
+
+    # 3. matching and contributions (absent = best candidate over all references)
+    best_sim, best_cell = match_cells(b.query, b.refs, cand, config.max_offset)  # (M, HW, K)
+    top_ref = best_sim.argmax(2)                                         # (M, HW)
+    top_cell = best_cell.gather(2, top_ref[:, :, None]).squeeze(2)
+    refs_flat = b.refs.flatten(3)                                        # (M, K, C, HW)
+    absent = refs_flat[rows[:, None], top_ref, :, top_cell]              # (M, HW, C)
+    absent = absent.transpose(1, 2).reshape(m, c, h, w)
+    contrib = local_shapley(head, b.query, absent, b.true, b.pred, window=config.window,
+                            num_samples=config.num_samples, antithetic=config.antithetic,
+                            chunk_size=config.chunk_size, generator=generator,
+                            num_classes=num_classes)
+    values = contrib.values.to(device)
+    b.evals += contrib.head_evaluations.to(device)
+
+    # 4. regions and one reference per region
+    regions = grow_regions(values, threshold=config.region_threshold,
+                           max_region_size=config.max_region_size).view(m, hw)
+    num_regions = regions.max(1).values + 1                              # (M,)
+    r_max = int(num_regions.max())
+    region_ref, cell_ref, cell_match, cell_sim = assign_region_references(
+        best_sim, best_cell, regions, r_max)
+    repl = refs_flat[rows[:, None], cell_ref, :, cell_match].transpose(1, 2)   # (M, C, HW)
+    qflat = b.query.reshape(m, c, hw)
+
+    def edited(idx: torch.Tensor, cell_mask: torch.Tensor) -> torch.Tensor:
+        return torch.where(cell_mask[:, None], repl[idx], qflat[idx]).view(-1, c, h, w)
+
+    # 5. lock-step search over region steps
+    steps = min(config.max_edits, r_max)
+    traj_t = torch.full((m, max(steps, 1)), float("nan"), device=device)
+    traj_p = traj_t.clone()
+    final = torch.full((m,), -1, dtype=torch.long, device=device)
+    applied = torch.zeros(m, dtype=torch.long, device=device)
+    success = torch.zeros(m, dtype=torch.bool, device=device)
+    for t in range(steps):
+        idx = (~success & (num_regions > t)).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        pt, pp, am, _ = _evaluate(head, edited(idx, regions[idx] <= t), b.true[idx], b.pred[idx],
+                                  config, num_classes)
+        traj_t[idx, t], traj_p[idx, t], final[idx] = pt, pp, am
+        applied[idx] = t + 1
+        b.evals[idx] += 1
+        success[idx] = am == b.true[idx]
+    kept = (torch.arange(r_max, device=device)[None] < applied[:, None])      # (M, R)
+
+    # 6. minimality: drop, one per iteration and query, the edit whose removal keeps the flip
+    if config.minimality:
+        kept, changed = _minimality_pass(head, b, config, kept, success, regions, edited)
+        if bool(changed.any()):
+            traj_t, traj_p, final = _replay(head, b, config, kept, changed, regions, edited,
+                                            traj_t, traj_p, final)
+            success = torch.where(changed, final == b.true, success)
+    return _explanations(b, kept, traj_t, traj_p, final, success, regions, region_ref,
+                         cell_match, cell_sim, values)
+
+
+def _minimality_pass(head: Head, b: _Batch, config: SearchConfig, kept: torch.Tensor,
+                     success: torch.Tensor, regions: torch.Tensor, edited
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repeatedly drop the kept edit whose single revert keeps the flip with the largest margin.
+
+    All single-revert variants of all successful queries are evaluated in one batched call per
+    iteration. Returns the new ``kept`` mask ``(M, R)`` and which queries changed ``(M,)``.
+    """
+    m, r_max = kept.shape
+    kept = kept.clone()
+    changed = torch.zeros(m, dtype=torch.bool, device=kept.device)
+    open_ = success & (kept.sum(1) >= 2)
+    while bool(open_.any()):
+        q, r = (kept & open_[:, None]).nonzero(as_tuple=True)            # one variant per edit
+        variant = kept[q].clone()
+        variant[torch.arange(q.numel(), device=q.device), r] = False
+        cell_mask = variant.gather(1, regions[q])
+        _, _, am, tm = _evaluate(head, edited(q, cell_mask), b.true[q], b.pred[q], config,
+                                b.num_classes)
+        b.evals += torch.bincount(q, minlength=m)
+        score = torch.full((m, r_max), float("-inf"), device=kept.device)
+        score[q, r] = torch.where(am == b.true[q], tm, torch.full_like(tm, float("-inf")))
+        best = score.max(1)
+        drop = best.values > float("-inf")
+        kept[drop.nonzero().squeeze(1), best.indices[drop]] = False
+        changed |= drop
+        open_ = drop & (kept.sum(1) >= 2)
+    return kept, changed
+
+
+def _replay(head: Head, b: _Batch, config: SearchConfig, kept: torch.Tensor,
+            changed: torch.Tensor, regions: torch.Tensor, edited, traj_t: torch.Tensor,
+            traj_p: torch.Tensor, final: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Recompute the trajectory of the kept edits (in order) for the queries that changed."""
+    traj_t, traj_p, final = traj_t.clone(), traj_p.clone(), final.clone()
+    traj_t[changed] = float("nan")
+    traj_p[changed] = float("nan")
+    order = torch.cumsum(kept.long(), 1) - 1                              # rank among kept
+    order = torch.where(kept, order, torch.full_like(order, kept.shape[1]))
+    cell_rank = order.gather(1, regions)                                  # (M, HW)
+    num_kept = kept.sum(1)
+    for s in range(int(num_kept[changed].max())):
+        idx = (changed & (num_kept > s)).nonzero().squeeze(1)
+        pt, pp, am, _ = _evaluate(head, edited(idx, cell_rank[idx] <= s), b.true[idx],
+                                  b.pred[idx], config, b.num_classes)
+        traj_t[idx, s], traj_p[idx, s], final[idx] = pt, pp, am
+        b.evals[idx] += 1
+    return traj_t, traj_p, final
+
+
+def _explanations(b: _Batch, kept: torch.Tensor, traj_t: torch.Tensor, traj_p: torch.Tensor,
+                  final: torch.Tensor, success: torch.Tensor, regions: torch.Tensor,
+                  region_ref: torch.Tensor, cell_match: torch.Tensor, cell_sim: torch.Tensor,
+                  values: torch.Tensor) -> list[Explanation]:
+    """Assemble the frozen results (CPU, python scalars) in the caller's order."""
+    m, hw = regions.shape
+    h, w = b.query.shape[2:]
+    cpu = {k: v.detach().cpu() for k, v in dict(
+        kept=kept, traj_t=traj_t, traj_p=traj_p, final=final, success=success, regions=regions,
+        region_ref=region_ref, cell_match=cell_match, cell_sim=cell_sim,
+        values=values.reshape(m, hw).float(), index=b.index, true=b.true, pred=b.pred,
+        p_true=b.p_true, p_pred=b.p_pred, ref_ids=b.ref_ids, evals=b.evals).items()}
+    results = list(b.results)
+    for i in range(m):
+        reg = cpu["regions"][i]
+        edits = []
+        for step, r in enumerate(cpu["kept"][i].nonzero().squeeze(1).tolist()):
+            cells = (reg == r).nonzero().squeeze(1)
+            k = int(cpu["region_ref"][i, r])
+            matched = cpu["cell_match"][i, cells]
+            edits.append(Edit(
+                query_cells=tuple((int(u) // w, int(u) % w) for u in cells),
+                reference_slot=k,
+                reference_id=tuple(int(x) for x in cpu["ref_ids"][i, k]),
+                reference_cells=tuple((int(v) // w, int(v) % w) for v in matched),
+                similarity=float(cpu["cell_sim"][i, cells].mean()),
+                contribution=float(cpu["values"][i, cells].sum()),
+                p_true_after=float(cpu["traj_t"][i, step]),
+                p_pred_after=float(cpu["traj_p"][i, step])))
+        results[int(cpu["index"][i])] = Explanation(
+            query_index=int(cpu["index"][i]), true=int(cpu["true"][i]), pred=int(cpu["pred"][i]),
+            success=bool(cpu["success"][i]), final_pred=int(cpu["final"][i]), edits=tuple(edits),
+            p_true_before=float(cpu["p_true"][i]), p_pred_before=float(cpu["p_pred"][i]),
+            contributions=cpu["values"][i].view(h, w).clone(),
+            regions=reg.view(h, w).clone(), head_evaluations=int(cpu["evals"][i]),
+            method="fgvce")
+    return results

@@ -1,0 +1,150 @@
+import pytest
+import torch
+
+from fgvce_lightning.engine.bank import ReferenceBank
+
+SHAPE = (4, 3, 3)
+
+
+def _maps(values):
+    """One constant feature map per value, so slots are easy to read back."""
+    return torch.tensor(values, dtype=torch.float32)[:, None, None, None].expand(-1, *SHAPE).clone()
+
+
+def _ids(values):
+    return torch.tensor(values)[:, None].repeat(1, 3)
+
+
+def test_add_and_get_per_class():
+    bank = ReferenceBank(3, 4, SHAPE)
+    assert bank.add(_maps([1, 2, 3]), torch.tensor([0, 2, 0]), _ids([10, 20, 30])) == 0
+    assert bank.counts().tolist() == [2, 0, 1]
+    feats, ids = bank.get(0)
+    assert feats[:, 0, 0, 0].tolist() == [1, 3]
+    assert ids[:, 0].tolist() == [10, 30]
+    feats, ids = bank.get(1)
+    assert feats.shape == (0, *SHAPE) and ids.shape == (0, 3)
+    assert len(bank) == 3
+
+
+def test_ring_buffer_overwrites_oldest():
+    bank = ReferenceBank(2, 3, SHAPE)
+    for v in range(5):  # one at a time: slots 0,1,2 then 3 -> slot 0, 4 -> slot 1
+        bank.add(_maps([v]), torch.tensor([1]), _ids([v]))
+    feats, ids = bank.get(1)
+    assert feats[:, 0, 0, 0].tolist() == [3, 4, 2]
+    assert ids[:, 0].tolist() == [3, 4, 2]
+    assert bank.counts().tolist() == [0, 3]
+    assert bank.seen().tolist() == [0, 5]
+
+
+def test_batched_add_matches_sequential_with_many_samples_of_one_class():
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 1, 0, 0, 2, 0, 0, 1, 0, 0, 2])
+    values = list(range(100, 100 + labels.numel()))
+    batched = ReferenceBank(3, 3, SHAPE)
+    batched.add(_maps([7]), torch.tensor([0]), _ids([7]))  # write pointer of class 0 not at 0
+    batched.add(_maps(values), labels, _ids(values))
+    sequential = ReferenceBank(3, 3, SHAPE)
+    sequential.add(_maps([7]), torch.tensor([0]), _ids([7]))
+    for v, lab in zip(values, labels.tolist()):
+        sequential.add(_maps([v]), torch.tensor([lab]), _ids([v]))
+    for cls in range(3):
+        fb, ib = batched.get(cls)
+        fs, is_ = sequential.get(cls)
+        assert torch.equal(fb, fs) and torch.equal(ib, is_)
+    # class 0 got 7 samples in the batch and keeps the last three of them
+    assert sorted(batched.get(0)[1][:, 0].tolist()) == [106, 108, 109]
+    assert batched.counts().tolist() == [3, 2, 2]
+
+
+def test_memory_is_fixed():
+    bank = ReferenceBank(5, 4, SHAPE, dtype=torch.float16)
+    before = bank.memory_bytes
+    assert before >= 5 * 4 * 36 * 2
+    bank.add(torch.randn(50, *SHAPE), torch.randint(0, 5, (50,)), _ids(list(range(50))))
+    assert bank.memory_bytes == before
+    assert bank.get(2)[0].dtype == torch.float16
+
+
+def test_capacity_for_budget():
+    cap = ReferenceBank.capacity_for_budget(10_000, 5, SHAPE, torch.float32)
+    assert ReferenceBank(5, cap, SHAPE).memory_bytes <= 10_000
+    assert ReferenceBank(5, cap + 1, SHAPE).memory_bytes > 10_000
+    assert ReferenceBank.capacity_for_budget(10_000, 5, SHAPE, torch.bfloat16) > cap
+    with pytest.raises(ValueError, match="at least one feature map per class"):
+        ReferenceBank.capacity_for_budget(100, 5, SHAPE, torch.float32)
+
+
+def test_non_finite_maps_are_rejected():
+    bank = ReferenceBank(2, 4, SHAPE, dtype=torch.float16)
+    feats = _maps([1, 2, 3, 4])
+    feats[1, 0, 0, 0] = float("nan")
+    feats[2, 1, 1, 1] = float("inf")
+    feats[3, 0, 1, 1] = 1e6  # finite in float32 but overflows float16
+    assert bank.add(feats, torch.tensor([0, 0, 1, 1]), _ids([1, 2, 3, 4])) == 3
+    assert bank.counts().tolist() == [1, 0]
+
+
+def test_gather_pads_and_masks():
+    bank = ReferenceBank(3, 4, SHAPE)
+    bank.add(_maps([1, 2, 3]), torch.tensor([0, 0, 2]), _ids([1, 2, 3]))
+    feats, ids, valid = bank.gather(torch.tensor([2, 0, 1, 0]))
+    assert feats.shape == (4, 2, *SHAPE) and ids.shape == (4, 2, 3)
+    assert valid.tolist() == [[True, False], [True, True], [False, False], [True, True]]
+    assert feats[:, :, 0, 0, 0].tolist() == [[3, 0], [1, 2], [0, 0], [1, 2]]
+    assert ids[:, :, 0].tolist() == [[3, -1], [1, 2], [-1, -1], [1, 2]]
+    empty = bank.gather(torch.tensor([1]))
+    assert empty[0].shape == (1, 0, *SHAPE) and empty[2].shape == (1, 0)
+
+
+def test_state_dict_round_trip():
+    bank = ReferenceBank(3, 2, SHAPE, dtype=torch.bfloat16)
+    bank.add(torch.randn(7, *SHAPE), torch.tensor([0, 0, 0, 1, 2, 2, 1]), _ids(list(range(7))))
+    state = bank.state_dict()
+    assert all(v.device.type == "cpu" for v in state.values() if isinstance(v, torch.Tensor))
+    other = ReferenceBank(3, 2, SHAPE, dtype=torch.bfloat16)
+    other.load_state_dict(state)
+    for cls in range(3):
+        assert torch.equal(bank.get(cls)[0], other.get(cls)[0])
+        assert torch.equal(bank.get(cls)[1], other.get(cls)[1])
+    # the write pointers are restored too: the next add overwrites the same slot in both
+    for b in (bank, other):
+        b.add(_maps([9]), torch.tensor([0]), _ids([9]))
+    assert torch.equal(bank.get(0)[1], other.get(0)[1])
+    with pytest.raises(ValueError, match="capacity_per_class"):
+        ReferenceBank(3, 5, SHAPE).load_state_dict(state)
+
+
+def test_reset():
+    bank = ReferenceBank(2, 2, SHAPE)
+    bank.add(_maps([1, 2]), torch.tensor([0, 1]), _ids([1, 2]))
+    bank.reset()
+    assert bank.counts().tolist() == [0, 0] and len(bank) == 0
+    assert bank.gather(torch.tensor([0]))[0].shape == (1, 0, *SHAPE)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="capacity_per_class"):
+        ReferenceBank(2, 0, SHAPE)
+    with pytest.raises(ValueError, match="feature_shape"):
+        ReferenceBank(2, 2, (4, 3))
+    with pytest.raises(ValueError, match="dtype"):
+        ReferenceBank(2, 2, SHAPE, dtype=torch.int64)
+    bank = ReferenceBank(2, 2, SHAPE)
+    with pytest.raises(ValueError, match=r"shape \(B, 4, 3, 3\)"):
+        bank.add(torch.randn(2, 4, 3, 4), torch.tensor([0, 1]), _ids([1, 2]))
+    with pytest.raises(ValueError, match=r"lie in \[0, 2\)"):
+        bank.add(torch.randn(2, *SHAPE), torch.tensor([0, 2]), _ids([1, 2]))
+    with pytest.raises(ValueError, match="`labels` to have shape"):
+        bank.add(torch.randn(2, *SHAPE), torch.tensor([0]), _ids([1, 2]))
+    with pytest.raises(ValueError, match="`ids` to have shape"):
+        bank.add(torch.randn(2, *SHAPE), torch.tensor([0, 1]), torch.zeros(2, 2).long())
+    with pytest.raises(TypeError, match="integer tensor"):
+        bank.add(torch.randn(2, *SHAPE), torch.tensor([0.0, 1.0]), _ids([1, 2]))
+    with pytest.raises(TypeError, match="floating point"):
+        bank.add(torch.zeros(2, *SHAPE, dtype=torch.long), torch.tensor([0, 1]), _ids([1, 2]))
+    with pytest.raises(ValueError, match="class index"):
+        bank.get(5)
+    with pytest.raises(ValueError, match=r"lie in \[0, 2\)"):
+        bank.gather(torch.tensor([3]))

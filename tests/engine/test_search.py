@@ -1,0 +1,292 @@
+import pytest
+import torch
+from torch import nn
+
+from fgvce_lightning.engine.bank import ReferenceBank
+from fgvce_lightning.engine.search import SearchConfig, counterfactual_search
+
+C, H, W = 4, 4, 4
+S_CELLS = ((1, 1), (1, 2), (3, 3))
+
+
+class CellLinearHead(nn.Module):
+    """logits = <W_k, x> + b_k: additive over cells; counts the feature maps it sees.
+
+    Class 1 (the mistake) reads channel 0 on ``S_CELLS``, class 0 (the truth) channel 1 there,
+    class 2 is out of the game. A query with channel 0 = 1 on the three cells has margin
+    ``3 - (0 - 2) = 5``; each cell swapped for a reference cell with channel 1 = 1 lowers it by 2,
+    so exactly the three cells must be replaced to flip.
+    """
+
+    def __init__(self):
+        super().__init__()
+        weight = torch.zeros(3, C, H, W)
+        for r, c in S_CELLS:
+            weight[1, 0, r, c] = 1.0
+            weight[0, 1, r, c] = 1.0
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(torch.tensor([-2.0, 0.0, -10.0]))
+        self.dropout = nn.Dropout(0.5)
+        self.seen = 0
+
+    def forward(self, x):
+        self.seen += x.shape[0]
+        return torch.einsum("nchw,kchw->nk", self.dropout(x), self.weight) + self.bias
+
+
+class MaxHead(nn.Module):
+    """Class 1 = 3 · max(x[0] at A, x[0] at B): A and B must both go; D is tempting but useless.
+
+    Class 0 reads channel 1 on A, B and D. Query: x[0] = 1 on A and B, x[1] = -1 on D, so D has
+    the largest contribution (+2) but the flip needs exactly {A, B}.
+    """
+    A, B, D = (0, 0), (3, 3), (0, 3)
+
+    def forward(self, x):
+        pred = 3 * torch.maximum(x[:, 0, 0, 0], x[:, 0, 3, 3])
+        true = x[:, 1, 0, 0] + x[:, 1, 3, 3] + x[:, 1, 0, 3]
+        return torch.stack([true, pred, torch.full_like(true, -10.0)], 1)
+
+
+def _background(n, gen):
+    x = torch.zeros(n, C, H, W)
+    x[:, 2:] = 0.5 + 0.5 * torch.rand(n, 2, H, W, generator=gen)
+    return x
+
+
+def _make_bank(cells, num_refs=2, dtype=torch.float32, gen=None):
+    gen = gen or torch.Generator().manual_seed(1)
+    refs = _background(num_refs, gen)
+    for r, c in cells:
+        refs[:, :, r, c] = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    bank = ReferenceBank(3, 4, (C, H, W), dtype=dtype)
+    ids = torch.stack([torch.zeros(num_refs), torch.arange(num_refs), torch.arange(num_refs) + 10],
+                      1).long()
+    bank.add(refs, torch.zeros(num_refs, dtype=torch.long), ids)
+    return bank
+
+
+def _linear_problem(n=1, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = _background(n, gen)
+    for r, c in S_CELLS:
+        q[:, :, r, c] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    return q, torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long)
+
+
+CFG = SearchConfig(candidate_fraction=0.15)
+
+
+def test_finds_exactly_the_minimal_cells_of_an_additive_head():
+    head = CellLinearHead()
+    q, t, p = _linear_problem()
+    bank = _make_bank(S_CELLS)
+    (res,) = counterfactual_search(head, q, t, p, bank, CFG)
+    assert res.success and res.final_pred == 0 and res.skipped_reason is None
+    assert sorted(res.edited_cells) == sorted(S_CELLS)
+    assert res.edits[0].query_cells == ((1, 1), (1, 2))        # the strongest region goes first
+    # exact contributions: 2 on the three cells, 0 elsewhere; regions ordered by them
+    expected = torch.zeros(H, W)
+    for r, c in S_CELLS:
+        expected[r, c] = 2.0
+    assert torch.allclose(res.contributions, expected, atol=1e-5)
+    assert res.contributions.device.type == "cpu" and res.regions.dtype == torch.int64
+    assert res.regions[1, 1] == res.regions[1, 2] == 0 and res.regions[3, 3] == 1
+    for e in res.edits:
+        assert all(cell in S_CELLS for cell in e.reference_cells)   # evidence cells only
+        assert e.reference_slot in (0, 1) and e.reference_id == (0, e.reference_slot,
+                                                                  e.reference_slot + 10)
+        assert e.contribution == pytest.approx(2.0 * len(e.query_cells), abs=1e-4)
+    # margin 5 -> 1 -> -1: p(true) rises, p(pred) falls, the last edit flips
+    assert res.p_true_before < res.edits[0].p_true_after < res.edits[1].p_true_after
+    assert res.edits[1].p_true_after > res.edits[1].p_pred_after
+    assert res.p_pred_before > res.edits[0].p_pred_after > res.edits[1].p_pred_after
+    # every map the head saw is accounted for
+    assert res.head_evaluations == head.seen
+
+
+def test_minimality_pass_drops_the_unneeded_edit():
+    gen = torch.Generator().manual_seed(3)
+    q = _background(1, gen)
+    q[0, :, 0, 0] = q[0, :, 3, 3] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    q[0, :, 0, 3] = torch.tensor([0.0, -1.0, 0.0, 0.0])
+    bank = _make_bank((MaxHead.A, MaxHead.B, MaxHead.D))
+    t, p = torch.tensor([0]), torch.tensor([1])
+    full = counterfactual_search(MaxHead(), q, t, p, bank, SearchConfig(candidate_fraction=0.15,
+                                                                       minimality=False))[0]
+    assert full.success and full.edits[0].query_cells == (MaxHead.D,)
+    assert set(full.edited_cells) >= {MaxHead.A, MaxHead.B, MaxHead.D}
+    res = counterfactual_search(MaxHead(), q, t, p, bank, SearchConfig(candidate_fraction=0.15))[0]
+    assert res.success and sorted(res.edited_cells) == [MaxHead.A, MaxHead.B]
+    # the trajectory is recomputed for the kept edits: flipped only after the last one
+    assert res.edits[-1].p_true_after > 0.5 > res.edits[0].p_true_after
+    assert res.head_evaluations > full.head_evaluations
+
+
+class SmallConvHead(nn.Module):
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.conv = nn.Conv2d(C, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def _random_problem(seed=0, n_bank=60, num_classes=3):
+    """A random conv head, random references per class and queries with true != pred."""
+    torch.manual_seed(seed)
+    head = SmallConvHead(num_classes).eval()
+    x = torch.randn(n_bank + 40, C, H, W)
+    with torch.no_grad():
+        pred = head(x).argmax(1)
+    bank = ReferenceBank(num_classes, 3, (C, H, W))
+    labels = torch.arange(n_bank) % num_classes
+    bank.add(x[:n_bank], labels, torch.arange(n_bank)[:, None].repeat(1, 3))
+    y = (pred + torch.randint(1, num_classes, (x.shape[0],))) % num_classes
+    wrong = torch.arange(n_bank, x.shape[0])
+    wrong = wrong[bank.counts()[y[wrong]] > 0][:6]
+    return head, x[wrong], y[wrong], pred[wrong], bank
+
+
+def _apply(query, edits, refs):
+    out = query.clone()
+    for e in edits:
+        for (qr, qc), (rr, rc) in zip(e.query_cells, e.reference_cells):
+            out[:, qr, qc] = refs[e.reference_slot][:, rr, rc]
+    return out
+
+
+def test_edits_reproduce_the_flip_and_are_one_minimal():
+    head, q, t, p, bank = _random_problem()
+    results = counterfactual_search(head, q, t, p, bank, SearchConfig(max_edits=12))
+    assert sum(r.success for r in results) >= 2
+    for r, query in zip(results, q):
+        assert r.num_edits >= 1 and r.regions.shape == (H, W)
+        refs, _ = bank.get(r.true)
+        with torch.no_grad():
+            probs = head(_apply(query, r.edits, refs)[None]).softmax(1)[0]
+        assert int(probs.argmax()) == r.final_pred
+        assert probs[r.true].item() == pytest.approx(r.edits[-1].p_true_after, abs=1e-5)
+        assert probs[r.pred].item() == pytest.approx(r.edits[-1].p_pred_after, abs=1e-5)
+        if r.success and r.num_edits > 1:
+            for drop in range(r.num_edits):
+                kept = [e for j, e in enumerate(r.edits) if j != drop]
+                with torch.no_grad():
+                    assert int(head(_apply(query, kept, refs)[None]).argmax()) != r.true
+
+
+def test_batched_equals_per_query_and_seed_is_deterministic():
+    head, q, t, p, bank = _random_problem(seed=1)
+    batched = counterfactual_search(head, q, t, p, bank, SearchConfig(seed=5))
+    again = counterfactual_search(head, q, t, p, bank, SearchConfig(seed=5))
+    assert batched == again
+    for i in range(q.shape[0]):
+        (single,) = counterfactual_search(head, q[i:i + 1], t[i:i + 1], p[i:i + 1], bank,
+                                          SearchConfig(seed=5))
+        b = batched[i]
+        assert (single.success, single.final_pred) == (b.success, b.final_pred)
+        assert [(e.query_cells, e.reference_slot, e.reference_cells) for e in single.edits] == \
+            [(e.query_cells, e.reference_slot, e.reference_cells) for e in b.edits]
+        assert torch.allclose(single.contributions, b.contributions, atol=1e-5)
+
+
+def test_state_is_preserved():
+    head, q, t, p, bank = _random_problem(seed=2)
+    head.train()
+    head.bn.eval()
+    flags = [m.training for m in head.modules()]
+    rng = torch.get_rng_state()
+    counterfactual_search(head, q, t, p, bank)
+    assert [m.training for m in head.modules()] == flags
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(prm.grad is None for prm in head.parameters())
+
+
+class Boom(Exception):
+    pass
+
+
+def test_state_is_preserved_when_the_head_raises():
+    head, q, t, p, bank = _random_problem(seed=2)
+    head.train()
+    calls = {"n": 0}
+
+    def exploding(x):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise Boom("head failed")
+        return head(x)
+
+    rng = torch.get_rng_state()
+    with pytest.raises(Boom):
+        counterfactual_search(exploding, q, t, p, bank, modules=[head])
+    assert all(m.training for m in head.modules())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_works_under_inference_mode_and_with_half_precision_banks():
+    head = CellLinearHead()
+    q, t, p = _linear_problem(n=2)
+    expected = counterfactual_search(head, q, t, p, _make_bank(S_CELLS), CFG)
+    with torch.inference_mode():
+        got = counterfactual_search(head, q.clone(), t, p, _make_bank(S_CELLS), CFG)
+    assert got == expected and all(r.success for r in got)
+    assert all(prm.grad is None for prm in head.parameters())
+    for dtype in (torch.bfloat16, torch.float16):
+        res = counterfactual_search(head, q, t, p, _make_bank(S_CELLS, dtype=dtype), CFG)
+        assert [r.edited_cells for r in res] == [r.edited_cells for r in expected]
+
+
+def test_non_differentiable_head_falls_back_to_all_cells():
+    head = CellLinearHead()
+
+    def detached(x):
+        with torch.no_grad():
+            return head(x)
+
+    q, t, p = _linear_problem()
+    bank = _make_bank(S_CELLS)
+    (with_grad,) = counterfactual_search(head, q, t, p, bank, CFG)
+    assert all(c in S_CELLS for e in with_grad.edits for c in e.reference_cells)
+    # without gradients every reference cell is a candidate: the search still runs, and matches
+    # (cosine ties between orthogonal cells) now come from outside the evidence cells
+    (res,) = counterfactual_search(detached, q, t, p, bank, CFG)
+    assert not res.skipped and res.num_edits >= 1
+    assert any(c not in S_CELLS for e in res.edits for c in e.reference_cells)
+    assert all(prm.grad is None for prm in head.parameters())
+
+
+def test_skipped_queries_do_not_break_the_batch():
+    head = CellLinearHead()
+    q, t, p = _linear_problem(n=4)
+    q[1, 0, 2, 2] = float("nan")
+    t[2] = 2                       # no reference of class 2 in the bank
+    p[3] = 0                       # true == pred: not a mistake
+    res = counterfactual_search(head, q, t, p, _make_bank(S_CELLS), CFG)
+    assert res[0].success and not res[0].skipped
+    assert "non-finite" in res[1].skipped_reason
+    assert "no reference" in res[2].skipped_reason and res[2].true == 2
+    assert "not a misclassification" in res[3].skipped_reason
+    assert [r.query_index for r in res] == [0, 1, 2, 3]
+
+
+def test_errors():
+    head = CellLinearHead()
+    q, t, p = _linear_problem()
+    bank = _make_bank(S_CELLS)
+    with pytest.raises(ValueError, match="3 class logits"):
+        counterfactual_search(lambda x: torch.zeros(x.shape[0], 5), q, t, p, bank)
+    with pytest.raises(ValueError, match="bank's shape"):
+        counterfactual_search(head, torch.zeros(1, C, 5, 5), t, p, bank)
+    with pytest.raises(ValueError, match="spatial feature map"):
+        counterfactual_search(head, torch.zeros(1, C), t, p, bank)
+    with pytest.raises(ValueError, match=r"`true` to lie in \[0, 3\)"):
+        counterfactual_search(head, q, torch.tensor([7]), p, bank)
+    with pytest.raises(ValueError, match="`pred` to be an integer tensor of shape"):
+        counterfactual_search(head, q, t, torch.tensor([1, 1]), bank)
+    with pytest.raises(ValueError, match="candidate_fraction"):
+        SearchConfig(candidate_fraction=0.0)
+    with pytest.raises(ValueError, match="odd"):
+        SearchConfig(window=4)
