@@ -21,12 +21,14 @@ __all__ = [
     "select_candidates",
     "match_cells",
     "assign_region_references",
+    "region_reference_scores",
+    "gradcam_scores",
 ]
 
 
 def reference_cell_scores(head: Head, references: torch.Tensor, valid: torch.Tensor,
-                          true: torch.Tensor, pred: torch.Tensor, *, chunk_size: int = 1024
-                          ) -> Optional[torch.Tensor]:
+                          true: torch.Tensor, pred: torch.Tensor, *, chunk_size: int = 1024,
+                          channels: Optional[int] = None) -> Optional[torch.Tensor]:
     """Evidence of every reference cell for ``true`` over ``pred``: gradient × input of ``s``.
 
     Gradients are taken with :func:`torch.autograd.grad` with respect to a clone of the input only
@@ -40,6 +42,8 @@ def reference_cell_scores(head: Head, references: torch.Tensor, valid: torch.Ten
         true: ``(N,)`` true classes.
         pred: ``(N,)`` predicted classes.
         chunk_size: most reference maps per head call.
+        channels: only the first ``channels`` channels count (``None``: all), e.g. to leave out
+            a transformer's class-token channels.
 
     Returns:
         ``(N, K, H, W)`` float32 scores (0 where not valid), or ``None`` when the head is not
@@ -66,7 +70,7 @@ def reference_cell_scores(head: Head, references: torch.Tensor, valid: torch.Ten
                 (grad,) = torch.autograd.grad(s.sum(), (x,))
             except RuntimeError:  # not differentiable (e.g. the head detaches its output)
                 return None
-            chunks.append((grad.detach() * x.detach()).sum(1).float())
+            chunks.append((grad.detach() * x.detach())[:, :channels].sum(1).float())
     flat = torch.cat(chunks)
     if not bool(torch.isfinite(flat).all()) or not bool((flat != 0).any()):
         return None
@@ -156,11 +160,61 @@ def assign_region_references(best_sim: torch.Tensor, best_cell: torch.Tensor,
         ``region_ref`` ``(N, R)`` chosen reference per region, and per cell ``cell_ref`` ``(N, HW)``,
         ``cell_match`` ``(N, HW)`` (reference cell index) and ``cell_sim`` ``(N, HW)``.
     """
-    n, hw, k = best_sim.shape
-    totals = torch.zeros(n, num_regions, k, dtype=best_sim.dtype, device=best_sim.device)
-    totals.scatter_add_(1, regions[:, :, None].expand(n, hw, k), best_sim)
-    region_ref = totals.argmax(dim=2)                                         # (N, R)
+    region_ref = region_reference_scores(best_sim, regions, num_regions).argmax(dim=2)  # (N, R)
     cell_ref = region_ref.gather(1, regions)                                  # (N, HW)
     cell_match = best_cell.gather(2, cell_ref[:, :, None]).squeeze(2)
     cell_sim = best_sim.gather(2, cell_ref[:, :, None]).squeeze(2)
     return region_ref, cell_ref, cell_match, cell_sim
+
+
+def region_reference_scores(best_sim: torch.Tensor, regions: torch.Tensor, num_regions: int
+                            ) -> torch.Tensor:
+    """Summed best-match similarity of every region's cells to every reference.
+
+    Args:
+        best_sim: ``(N, HW, K)`` from :func:`match_cells` (``-inf`` for unusable references).
+        regions: ``(N, HW)`` int64 region ids.
+        num_regions: upper bound on region ids.
+
+    Returns:
+        ``(N, R, K)`` float32 (``-inf`` where the reference is unusable).
+    """
+    n, hw, k = best_sim.shape
+    totals = torch.zeros(n, num_regions, k, dtype=best_sim.dtype, device=best_sim.device)
+    totals.scatter_add_(1, regions[:, :, None].expand(n, hw, k), best_sim)
+    return totals
+
+
+def gradcam_scores(head: Head, query: torch.Tensor, true: torch.Tensor, pred: torch.Tensor, *,
+                   chunk_size: int = 1024, channels: Optional[int] = None) -> torch.Tensor:
+    """Grad-CAM of the mistake at the feature map: ``ReLU(sum_c mean_hw(∂s/∂F_c) · F_c)``.
+
+    ``s = logit_pred - logit_true``; used to rank regions for the Grad-CAM-ordered baseline.
+
+    Args:
+        head: the classifier head.
+        query: ``(N, C, H, W)`` feature maps.
+        true: ``(N,)`` true classes.
+        pred: ``(N,)`` predicted classes.
+        chunk_size: most maps per head call.
+        channels: only the first ``channels`` channels count (``None``: all).
+
+    Returns:
+        ``(N, H, W)`` float32 (zeros where the head is not differentiable).
+    """
+    out = []
+    with torch.inference_mode(False), torch.enable_grad():
+        true, pred = true.clone(), pred.clone()
+        for start in range(0, query.shape[0], chunk_size):
+            x = query[start:start + chunk_size].float().clone().requires_grad_(True)
+            t, p = true[start:start + chunk_size], pred[start:start + chunk_size]
+            logits = head(x)
+            s = logits.gather(1, p[:, None]) - logits.gather(1, t[:, None])
+            try:
+                (grad,) = torch.autograd.grad(s.sum(), (x,))
+            except RuntimeError:
+                out.append(torch.zeros(x.shape[0], *x.shape[2:], device=x.device))
+                continue
+            weights = grad.detach()[:, :channels].mean((2, 3), keepdim=True)
+            out.append(torch.relu((weights * x.detach()[:, :channels]).sum(1)).float())
+    return torch.cat(out) if out else torch.zeros(0, *query.shape[2:], device=query.device)

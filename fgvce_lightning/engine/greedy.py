@@ -70,12 +70,18 @@ def _greedy(head: Head, b: _Batch, config: SearchConfig, max_cells: int) -> list
     m, c, h, w = b.query.shape
     hw, device = h * w, b.query.device
     rows = torch.arange(m, device=device)
+    cs = c - config.protected_channels          # trailing protected channels are never swapped
+    if cs < 1:
+        raise ValueError(f"Expected `protected_channels` ({config.protected_channels}) to leave at "
+                         f"least one channel of the {c} feature channels to swap.")
     # one reference per query: highest cosine similarity of the pooled features
-    pooled_sim = F.cosine_similarity(b.query.mean((2, 3))[:, None], b.refs.mean((3, 4)), dim=2)
+    pooled_sim = F.cosine_similarity(b.query[:, :cs].mean((2, 3))[:, None],
+                                     b.refs[:, :, :cs].mean((3, 4)), dim=2)
     slot = pooled_sim.masked_fill(~b.valid, -math.inf).argmax(1)                   # (M,)
     ref = b.refs[rows, slot].reshape(m, c, hw)                                      # (M, C, HW)
-    cell_sim = torch.bmm(F.normalize(b.query.reshape(m, c, hw), dim=1).transpose(1, 2),
-                         F.normalize(ref, dim=1))                                   # (M, HW, HW)
+    cell_sim = torch.bmm(F.normalize(b.query[:, :cs].reshape(m, cs, hw), dim=1).transpose(1, 2),
+                         F.normalize(ref[:, :cs], dim=1))                           # (M, HW, HW)
+    ref[:, cs:] = b.query.reshape(m, c, hw)[:, cs:]   # a swap keeps the query's own prefix
 
     current = b.query.reshape(m, c, hw).clone()
     edited = torch.zeros(m, hw, dtype=torch.bool, device=device)

@@ -25,13 +25,17 @@ from torch import nn
 from ._util import (Head, check_feature_map, evaluate_head, preserved_rng_state,
                     preserved_training_flags)
 from .bank import ReferenceBank
-from .candidates import (assign_region_references, match_cells, reference_cell_scores,
-                         select_candidates)
+from .candidates import (assign_region_references, gradcam_scores, match_cells,
+                         reference_cell_scores, region_reference_scores, select_candidates)
 from .contributions import local_shapley
 from .partition import grow_regions
 from .results import Edit, Explanation
 
-__all__ = ["SearchConfig", "counterfactual_search"]
+__all__ = ["SearchConfig", "counterfactual_search", "REGION_ORDERS"]
+
+REGION_ORDERS = ("contribution", "gradcam", "random")
+METHOD_NAMES = {"contribution": "fgvce", "gradcam": "gradcam", "random": "random"}
+"""``Explanation.method`` for each ``SearchConfig.region_order``."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,17 @@ class SearchConfig:
         max_offset: spatial prior of the matching: a query cell only takes reference cells at
             most this many rows/columns away (``None``: anywhere, pure cosine matching; ``0``
             suits roughly aligned objects).
+        reference_lookahead: at every edit step, the region's swaps from the ``L`` references
+            that match it best (by summed cosine similarity) are all evaluated in one batched
+            call and the one that moves the prediction furthest towards ``true`` is kept
+            (``1``: the best-matching reference only, no lookahead). Costs ``L`` evaluations per
+            step instead of one.
+        protected_channels: number of trailing channels that are never matched or swapped (a
+            vision transformer's class/register tokens carried with the map, see
+            :attr:`ModelSplit.prefix_channels`); each query keeps its own.
+        region_order: how the regions to swap are ranked: ``"contribution"`` (local Shapley,
+            FG-VCE), or the evaluation baselines ``"gradcam"`` (Grad-CAM of ``pred`` over
+            ``true`` at the feature map) and ``"random"`` (random cell scores).
     """
 
     window: int = 3
@@ -68,9 +83,12 @@ class SearchConfig:
     region_threshold: float = 0.5
     max_region_size: Optional[int] = None
     max_offset: Optional[int] = None
+    reference_lookahead: int = 4
+    protected_channels: int = 0
+    region_order: str = "contribution"
 
     def __post_init__(self) -> None:
-        for name in ("window", "num_samples", "max_edits", "chunk_size"):
+        for name in ("window", "num_samples", "max_edits", "chunk_size", "reference_lookahead"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Expected `{name}` to be a positive integer, but got {value!r}.")
@@ -85,6 +103,13 @@ class SearchConfig:
                                             or self.max_offset < 0):
             raise ValueError(f"Expected `max_offset` to be a non-negative integer or None, but got "
                              f"{self.max_offset!r}.")
+        if (isinstance(self.protected_channels, bool) or not isinstance(self.protected_channels, int)
+                or self.protected_channels < 0):
+            raise ValueError(f"Expected `protected_channels` to be a non-negative integer, but got "
+                             f"{self.protected_channels!r}.")
+        if self.region_order not in REGION_ORDERS:
+            raise ValueError(f"Expected `region_order` to be one of {REGION_ORDERS}, but got "
+                             f"{self.region_order!r}.")
         if self.num_classes is not None and (not isinstance(self.num_classes, int)
                                              or self.num_classes < 2):
             raise ValueError(f"Expected `num_classes` to be an integer >= 2 or None, but got "
@@ -235,7 +260,8 @@ def counterfactual_search(head: Head, queries: torch.Tensor, true: torch.Tensor,
     device = queries.device if isinstance(queries, torch.Tensor) else torch.device("cpu")
     with preserved_training_flags(*_modules_of(head, modules)), preserved_rng_state([device]), \
             torch.no_grad():
-        batch = _prepare(head, queries, true, pred, bank, config, "fgvce")
+        batch = _prepare(head, queries, true, pred, bank, config,
+                         METHOD_NAMES[config.region_order])
         if batch.index.numel() == 0:
             return batch.results
         if generator is None:
@@ -251,40 +277,60 @@ def _search(head: Head, b: _Batch, config: SearchConfig, generator: torch.Genera
     num_classes = b.num_classes
     rows = torch.arange(m, device=device)
 
+    cs = c - config.protected_channels                  # channels that are matched and swapped
+    if cs < 1:
+        raise ValueError(f"Expected `protected_channels` ({config.protected_channels}) to leave at "
+                         f"least one channel of the {c} feature channels to swap.")
+
     # 2. candidate reference cells (one gradient pass per reference map)
     scores = reference_cell_scores(head, b.refs, b.valid, b.true, b.pred,
-                                   chunk_size=config.chunk_size)
+                                   chunk_size=config.chunk_size, channels=cs)
     b.evals += b.valid.sum(1)
     cand = select_candidates(scores, b.valid, config.candidate_fraction, (h, w))
 
-    # 3. matching and contributions (absent = best candidate over all references)
-    best_sim, best_cell = match_cells(b.query, b.refs, cand, config.max_offset)  # (M, HW, K)
+    # 3. matching and the cell ranking (absent = best candidate over all references)
+    best_sim, best_cell = match_cells(b.query[:, :cs], b.refs[:, :, :cs], cand,
+                                      config.max_offset)                 # (M, HW, K)
     top_ref = best_sim.argmax(2)                                         # (M, HW)
     top_cell = best_cell.gather(2, top_ref[:, :, None]).squeeze(2)
     refs_flat = b.refs.flatten(3)                                        # (M, K, C, HW)
-    absent = refs_flat[rows[:, None], top_ref, :, top_cell]              # (M, HW, C)
-    absent = absent.transpose(1, 2).reshape(m, c, h, w)
-    contrib = local_shapley(head, b.query, absent, b.true, b.pred, window=config.window,
-                            num_samples=config.num_samples, antithetic=config.antithetic,
-                            chunk_size=config.chunk_size, generator=generator,
-                            num_classes=num_classes)
-    values = contrib.values.to(device)
-    b.evals += contrib.head_evaluations.to(device)
+    qflat = b.query.reshape(m, c, hw)
+    absent = refs_flat[rows[:, None], top_ref, :, top_cell].transpose(1, 2)   # (M, C, HW)
+    absent[:, cs:] = qflat[:, cs:]
+    absent = absent.reshape(m, c, h, w)
+    if config.region_order == "contribution":
+        contrib = local_shapley(head, b.query, absent, b.true, b.pred, window=config.window,
+                                num_samples=config.num_samples, antithetic=config.antithetic,
+                                chunk_size=config.chunk_size, generator=generator,
+                                num_classes=num_classes)
+        values = contrib.values.to(device)
+        b.evals += contrib.head_evaluations.to(device)
+    elif config.region_order == "gradcam":
+        values = gradcam_scores(head, b.query, b.true, b.pred, chunk_size=config.chunk_size,
+                                channels=cs).to(device)
+        b.evals += 1
+    else:  # random: query n's scores depend only on the seed, not on the batch
+        noise = torch.rand(hw, generator=generator, device=generator.device)
+        values = noise.to(device)[None].expand(m, hw).reshape(m, h, w).clone()
 
-    # 4. regions and one reference per region
+    # 4. regions; each region's reference is picked among its L best matches during the search
     regions = grow_regions(values, threshold=config.region_threshold,
                            max_region_size=config.max_region_size).view(m, hw)
     num_regions = regions.max(1).values + 1                              # (M,)
     r_max = int(num_regions.max())
     region_ref, cell_ref, cell_match, cell_sim = assign_region_references(
         best_sim, best_cell, regions, r_max)
+    look = min(config.reference_lookahead, b.refs.shape[1])
+    ref_scores = region_reference_scores(best_sim, regions, r_max)        # (M, R, K)
+    look_score, look_ref = ref_scores.topk(look, dim=2)                   # (M, R, L)
+    look_ok = torch.isfinite(look_score)
     repl = refs_flat[rows[:, None], cell_ref, :, cell_match].transpose(1, 2)   # (M, C, HW)
-    qflat = b.query.reshape(m, c, hw)
+    repl[:, cs:] = qflat[:, cs:]
 
     def edited(idx: torch.Tensor, cell_mask: torch.Tensor) -> torch.Tensor:
         return torch.where(cell_mask[:, None], repl[idx], qflat[idx]).view(-1, c, h, w)
 
-    # 5. lock-step search over region steps
+    # 5. lock-step search over region steps, with a lookahead over each region's references
     steps = min(config.max_edits, r_max)
     traj_t = torch.full((m, max(steps, 1)), float("nan"), device=device)
     traj_p = traj_t.clone()
@@ -295,12 +341,34 @@ def _search(head: Head, b: _Batch, config: SearchConfig, generator: torch.Genera
         idx = (~success & (num_regions > t)).nonzero().squeeze(1)
         if idx.numel() == 0:
             break
-        pt, pp, am, _ = _evaluate(head, edited(idx, regions[idx] <= t), b.true[idx], b.pred[idx],
-                                  config, num_classes)
-        traj_t[idx, t], traj_p[idx, t], final[idx] = pt, pp, am
+        a = idx.numel()
+        refs_l = look_ref[idx, t]                                        # (A, L)
+        ok_l = look_ok[idx, t]                                           # (A, L)
+        match_l = best_cell[idx].gather(2, refs_l[:, None, :].expand(a, hw, look))  # (A, HW, L)
+        feat_l = refs_flat[idx[:, None, None], refs_l[:, None, :], :, match_l]     # (A,HW,L,C)
+        feat_l = feat_l.permute(0, 2, 3, 1)                              # (A, L, C, HW)
+        base = edited(idx, regions[idx] < t).view(a, 1, c, hw)
+        in_region = (regions[idx] == t)[:, None, None, :]                # (A, 1, 1, HW)
+        if cs < c:
+            feat_l[:, :, cs:] = base[:, :, cs:]
+        variants = torch.where(in_region, feat_l, base).reshape(a * look, c, h, w)
+        rep = lambda x: x.repeat_interleave(look)                        # noqa: E731
+        pt, pp, am, tm = (v.view(a, look) for v in _evaluate(
+            head, variants, rep(b.true[idx]), rep(b.pred[idx]), config, num_classes))
+        b.evals[idx] += ok_l.sum(1)
+        best = tm.masked_fill(~ok_l, float("-inf")).argmax(1)           # (A,)
+        ar = torch.arange(a, device=device)
+        chosen = refs_l[ar, best]                                        # (A,)
+        region_ref[idx, t] = chosen
+        cells = in_region[:, 0, 0, :]                                    # (A, HW)
+        new_match = match_l[ar, :, best]                                 # (A, HW)
+        new_sim = best_sim[idx].gather(2, chosen[:, None, None].expand(a, hw, 1)).squeeze(2)
+        cell_match[idx] = torch.where(cells, new_match, cell_match[idx])
+        cell_sim[idx] = torch.where(cells, new_sim, cell_sim[idx])
+        repl[idx] = torch.where(cells[:, None], feat_l[ar, best], repl[idx])
+        traj_t[idx, t], traj_p[idx, t], final[idx] = pt[ar, best], pp[ar, best], am[ar, best]
         applied[idx] = t + 1
-        b.evals[idx] += 1
-        success[idx] = am == b.true[idx]
+        success[idx] = am[ar, best] == b.true[idx]
     kept = (torch.arange(r_max, device=device)[None] < applied[:, None])      # (M, R)
 
     # 6. minimality: drop, one per iteration and query, the edit whose removal keeps the flip
@@ -311,7 +379,7 @@ def _search(head: Head, b: _Batch, config: SearchConfig, generator: torch.Genera
                                             traj_t, traj_p, final)
             success = torch.where(changed, final == b.true, success)
     return _explanations(b, kept, traj_t, traj_p, final, success, regions, region_ref,
-                         cell_match, cell_sim, values)
+                         cell_match, cell_sim, values, METHOD_NAMES[config.region_order])
 
 
 def _minimality_pass(head: Head, b: _Batch, config: SearchConfig, kept: torch.Tensor,
@@ -368,7 +436,7 @@ def _replay(head: Head, b: _Batch, config: SearchConfig, kept: torch.Tensor,
 def _explanations(b: _Batch, kept: torch.Tensor, traj_t: torch.Tensor, traj_p: torch.Tensor,
                   final: torch.Tensor, success: torch.Tensor, regions: torch.Tensor,
                   region_ref: torch.Tensor, cell_match: torch.Tensor, cell_sim: torch.Tensor,
-                  values: torch.Tensor) -> list[Explanation]:
+                  values: torch.Tensor, method: str = "fgvce") -> list[Explanation]:
     """Assemble the frozen results (CPU, python scalars) in the caller's order."""
     m, hw = regions.shape
     h, w = b.query.shape[2:]
@@ -400,5 +468,5 @@ def _explanations(b: _Batch, kept: torch.Tensor, traj_t: torch.Tensor, traj_p: t
             p_true_before=float(cpu["p_true"][i]), p_pred_before=float(cpu["p_pred"][i]),
             contributions=cpu["values"][i].view(h, w).clone(),
             regions=reg.view(h, w).clone(), head_evaluations=int(cpu["evals"][i]),
-            method="fgvce")
+            method=method)
     return results
