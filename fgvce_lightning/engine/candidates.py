@@ -23,6 +23,7 @@ __all__ = [
     "assign_region_references",
     "region_reference_scores",
     "gradcam_scores",
+    "rigid_region_scores",
 ]
 
 
@@ -218,3 +219,53 @@ def gradcam_scores(head: Head, query: torch.Tensor, true: torch.Tensor, pred: to
             weights = grad.detach()[:, :channels].mean((2, 3), keepdim=True)
             out.append(torch.relu((weights * x.detach()[:, :channels]).sum(1)).float())
     return torch.cat(out) if out else torch.zeros(0, *query.shape[2:], device=query.device)
+
+
+def rigid_region_scores(query: torch.Tensor, references: torch.Tensor, valid: torch.Tensor,
+                        regions: torch.Tensor, num_regions: int, max_shift: Optional[int]
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score every region against every reference region of the same shape, shifted rigidly.
+
+    Cell-wise cosine matching may map several query cells to one reference cell and scramble the
+    part's layout, which a spatial head notices. A rigid match copies the reference's cells at
+    ``(row + dy, col + dx)`` for all the region's cells together, so the part keeps its shape.
+
+    Args:
+        query: ``(N, C, H, W)`` (only the channels to match).
+        references: ``(N, K, C, H, W)`` (same channels).
+        valid: ``(N, K)`` bool.
+        regions: ``(N, HW)`` int64 region ids.
+        num_regions: upper bound on region ids.
+        max_shift: largest ``|dy|`` and ``|dx|`` (``None``: any shift that fits the grid).
+
+    Returns:
+        ``scores`` ``(N, R, K * O)`` summed cosine similarity of region ``r`` with reference ``k``
+        shifted by offset ``o`` (index ``k * O + o``; ``-inf`` when a cell leaves the grid or the
+        reference is missing), ``source`` ``(O, HW)`` the reference cell copied into each query
+        cell under offset ``o`` (clamped; only meaningful where the score is finite), and
+        ``cell_sim`` ``(N, O, K, HW)`` the per-cell cosine similarities.
+    """
+    n, k, c, h, w = references.shape
+    hw, device = h * w, query.device
+    reach_h = h - 1 if max_shift is None else min(max_shift, h - 1)
+    reach_w = w - 1 if max_shift is None else min(max_shift, w - 1)
+    dy, dx = torch.meshgrid(torch.arange(-reach_h, reach_h + 1, device=device),
+                            torch.arange(-reach_w, reach_w + 1, device=device), indexing="ij")
+    dy, dx = dy.reshape(-1), dx.reshape(-1)                                   # (O,)
+    rows = torch.arange(hw, device=device) // w
+    cols = torch.arange(hw, device=device) % w
+    tr, tc = rows[None] + dy[:, None], cols[None] + dx[:, None]               # (O, HW)
+    inside = (tr >= 0) & (tr < h) & (tc >= 0) & (tc < w)
+    source = tr.clamp(0, h - 1) * w + tc.clamp(0, w - 1)                      # (O, HW)
+    qn = F.normalize(query.float().reshape(n, c, hw), dim=1)
+    rn = F.normalize(references.float().reshape(n, k, c, hw), dim=2)
+    sim = torch.einsum("ncu,nkcv->nkuv", qn, rn)                              # (N, K, HW, HW)
+    o = dy.numel()
+    idx = source[None, None].expand(n, k, o, hw)
+    cell_sim = sim.gather(3, idx.permute(0, 1, 3, 2)).permute(0, 3, 1, 2)     # (N, O, K, HW)
+    bad = ~inside[None, :, None, :] | ~valid[:, None, :, None]
+    cell_sim = cell_sim.masked_fill(bad, -math.inf)
+    totals = torch.zeros(n, o, k, num_regions, device=device)
+    totals.scatter_add_(3, regions[:, None, None, :].expand(n, o, k, hw), cell_sim)
+    scores = totals.permute(0, 3, 2, 1).reshape(n, num_regions, k * o)        # index k * O + o
+    return scores, source, cell_sim

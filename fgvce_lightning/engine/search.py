@@ -26,7 +26,8 @@ from ._util import (Head, check_feature_map, evaluate_head, preserved_rng_state,
                     preserved_training_flags)
 from .bank import ReferenceBank
 from .candidates import (assign_region_references, gradcam_scores, match_cells,
-                         reference_cell_scores, region_reference_scores, select_candidates)
+                         reference_cell_scores, region_reference_scores, rigid_region_scores,
+                         select_candidates)
 from .contributions import local_shapley
 from .partition import grow_regions
 from .results import Edit, Explanation
@@ -63,6 +64,11 @@ class SearchConfig:
             call and the one that moves the prediction furthest towards ``true`` is kept
             (``1``: the best-matching reference only, no lookahead). Costs ``L`` evaluations per
             step instead of one.
+        rigid_matching: also offer, at every step, the ``reference_lookahead`` best *rigid*
+            matches of the region (the reference's cells at the same relative layout, shifted by
+            at most ``max_shift`` cells), which keep a part's shape where cell-wise matching may
+            scramble it; the lookahead keeps whichever candidate moves the prediction most.
+        max_shift: largest rigid shift in cells (``None``: any shift that fits the grid).
         protected_channels: number of trailing channels that are never matched or swapped (a
             vision transformer's class/register tokens carried with the map, see
             :attr:`ModelSplit.prefix_channels`); each query keeps its own.
@@ -83,7 +89,9 @@ class SearchConfig:
     region_threshold: float = 0.5
     max_region_size: Optional[int] = None
     max_offset: Optional[int] = None
-    reference_lookahead: int = 4
+    reference_lookahead: int = 8
+    rigid_matching: bool = True
+    max_shift: Optional[int] = 2
     protected_channels: int = 0
     region_order: str = "contribution"
 
@@ -107,6 +115,11 @@ class SearchConfig:
                 or self.protected_channels < 0):
             raise ValueError(f"Expected `protected_channels` to be a non-negative integer, but got "
                              f"{self.protected_channels!r}.")
+        if self.max_shift is not None and (isinstance(self.max_shift, bool)
+                                           or not isinstance(self.max_shift, int)
+                                           or self.max_shift < 0):
+            raise ValueError(f"Expected `max_shift` to be a non-negative integer or None, but got "
+                             f"{self.max_shift!r}.")
         if self.region_order not in REGION_ORDERS:
             raise ValueError(f"Expected `region_order` to be one of {REGION_ORDERS}, but got "
                              f"{self.region_order!r}.")
@@ -320,10 +333,36 @@ def _search(head: Head, b: _Batch, config: SearchConfig, generator: torch.Genera
     r_max = int(num_regions.max())
     region_ref, cell_ref, cell_match, cell_sim = assign_region_references(
         best_sim, best_cell, regions, r_max)
-    look = min(config.reference_lookahead, b.refs.shape[1])
+    num_refs = b.refs.shape[1]
+    look = min(config.reference_lookahead, num_refs)
     ref_scores = region_reference_scores(best_sim, regions, r_max)        # (M, R, K)
     look_score, look_ref = ref_scores.topk(look, dim=2)                   # (M, R, L)
     look_ok = torch.isfinite(look_score)
+    if config.rigid_matching:
+        rigid, source, rigid_sim = rigid_region_scores(
+            b.query[:, :cs], b.refs[:, :, :cs], b.valid, regions, r_max, config.max_shift)
+        num_off = source.shape[0]
+        look_rigid = min(config.reference_lookahead, rigid.shape[2])
+    cell_ids = torch.arange(hw, device=device)
+
+    def candidates_at(idx: torch.Tensor, t: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Region ``t``'s candidate swaps: reference, usable, source cell and similarity."""
+        a = idx.numel()
+        refs_c = look_ref[idx, t]                                        # (A, L)
+        expand = refs_c[:, None, :].expand(a, hw, look)
+        match_c = best_cell[idx].gather(2, expand)                       # (A, HW, L)
+        sim_c = best_sim[idx].gather(2, expand)
+        if not config.rigid_matching:
+            return refs_c, look_ok[idx, t], match_c, sim_c
+        score_r, flat = rigid[idx, t].topk(look_rigid, dim=1)            # (A, Lr)
+        refs_r, off_r = flat // num_off, flat % num_off
+        match_r = source[off_r].transpose(1, 2)                          # (A, HW, Lr)
+        sim_r = rigid_sim[idx[:, None, None], off_r[:, None, :], refs_r[:, None, :],
+                          cell_ids[None, :, None]]                       # (A, HW, Lr)
+        return (torch.cat([refs_c, refs_r], 1), torch.cat([look_ok[idx, t],
+                torch.isfinite(score_r)], 1), torch.cat([match_c, match_r], 2),
+                torch.cat([sim_c, sim_r], 2))
     repl = refs_flat[rows[:, None], cell_ref, :, cell_match].transpose(1, 2)   # (M, C, HW)
     repl[:, cs:] = qflat[:, cs:]
 
@@ -342,18 +381,17 @@ def _search(head: Head, b: _Batch, config: SearchConfig, generator: torch.Genera
         if idx.numel() == 0:
             break
         a = idx.numel()
-        refs_l = look_ref[idx, t]                                        # (A, L)
-        ok_l = look_ok[idx, t]                                           # (A, L)
-        match_l = best_cell[idx].gather(2, refs_l[:, None, :].expand(a, hw, look))  # (A, HW, L)
+        refs_l, ok_l, match_l, sim_l = candidates_at(idx, t)              # (A,L) (A,L) (A,HW,L)
+        nv = refs_l.shape[1]
         feat_l = refs_flat[idx[:, None, None], refs_l[:, None, :], :, match_l]     # (A,HW,L,C)
         feat_l = feat_l.permute(0, 2, 3, 1)                              # (A, L, C, HW)
         base = edited(idx, regions[idx] < t).view(a, 1, c, hw)
         in_region = (regions[idx] == t)[:, None, None, :]                # (A, 1, 1, HW)
         if cs < c:
             feat_l[:, :, cs:] = base[:, :, cs:]
-        variants = torch.where(in_region, feat_l, base).reshape(a * look, c, h, w)
-        rep = lambda x: x.repeat_interleave(look)                        # noqa: E731
-        pt, pp, am, tm = (v.view(a, look) for v in _evaluate(
+        variants = torch.where(in_region, feat_l, base).reshape(a * nv, c, h, w)
+        rep = lambda x: x.repeat_interleave(nv)                        # noqa: E731
+        pt, pp, am, tm = (v.view(a, nv) for v in _evaluate(
             head, variants, rep(b.true[idx]), rep(b.pred[idx]), config, num_classes))
         b.evals[idx] += ok_l.sum(1)
         best = tm.masked_fill(~ok_l, float("-inf")).argmax(1)           # (A,)
@@ -362,7 +400,7 @@ def _search(head: Head, b: _Batch, config: SearchConfig, generator: torch.Genera
         region_ref[idx, t] = chosen
         cells = in_region[:, 0, 0, :]                                    # (A, HW)
         new_match = match_l[ar, :, best]                                 # (A, HW)
-        new_sim = best_sim[idx].gather(2, chosen[:, None, None].expand(a, hw, 1)).squeeze(2)
+        new_sim = sim_l[ar, :, best]
         cell_match[idx] = torch.where(cells, new_match, cell_match[idx])
         cell_sim[idx] = torch.where(cells, new_sim, cell_sim[idx])
         repl[idx] = torch.where(cells[:, None], feat_l[ar, best], repl[idx])

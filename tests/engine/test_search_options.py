@@ -59,7 +59,7 @@ def test_lookahead_keeps_the_reference_that_moves_the_prediction_most():
     head = ConvHead()
     queries, true, pred, bank = _problem(head)
     cfg = SearchConfig(candidate_fraction=1.0, reference_lookahead=K * 10, minimality=False,
-                       max_edits=1)
+                       max_edits=1, rigid_matching=False)
     results = counterfactual_search(head, queries, true, pred, bank, cfg)
     checked = 0
     for ex in results:
@@ -77,6 +77,43 @@ def test_lookahead_keeps_the_reference_that_moves_the_prediction_most():
             x[:, cells] = refs[k].reshape(C, -1)[:, match]
             margins.append(float(_margin(head, x.view(1, C, H, W), torch.tensor([ex.true]))))
         assert ex.edits[0].reference_slot == max(range(len(margins)), key=margins.__getitem__)
+        checked += 1
+    assert checked >= 5
+
+
+def test_rigid_candidates_compete_with_cosine_ones():
+    head = ConvHead(seed=1)
+    queries, true, pred, bank = _problem(head, seed=1)
+    cfg = SearchConfig(candidate_fraction=1.0, reference_lookahead=200, minimality=False,
+                       max_edits=1, rigid_matching=True, max_shift=1)
+    results = counterfactual_search(head, queries, true, pred, bank, cfg)
+    checked = 0
+    for ex in results:
+        if ex.skipped or not ex.edits:
+            continue
+        edit = ex.edits[0]
+        refs, _ = bank.get(ex.true)
+        q = queries[ex.query_index].reshape(C, -1)
+        cells = [r * W + c for r, c in edit.query_cells]
+        t = torch.tensor([ex.true])
+
+        def margin_of(k, sources):
+            x = q.clone()
+            x[:, cells] = refs[k].reshape(C, -1)[:, sources]
+            return float(_margin(head, x.view(1, C, H, W), t))
+
+        chosen = margin_of(edit.reference_slot, [r * W + c for r, c in edit.reference_cells])
+        best = -float("inf")
+        for k in range(refs.shape[0]):
+            qn = F.normalize(q[:, cells], dim=0)
+            rn = F.normalize(refs[k].reshape(C, -1), dim=0)
+            best = max(best, margin_of(k, (qn.T @ rn).argmax(1).tolist()))
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    src = [(r + dy, c + dx) for r, c in edit.query_cells]
+                    if all(0 <= r < H and 0 <= c < W for r, c in src):
+                        best = max(best, margin_of(k, [r * W + c for r, c in src]))
+        assert chosen == pytest.approx(best, abs=1e-5)
         checked += 1
     assert checked >= 5
 
