@@ -1,4 +1,7 @@
-"""Data sets shipped with the package: :class:`SyntheticBirds`, a procedural fine-grained demo."""
+"""Data sets: :class:`SyntheticBirds`, a procedural fine-grained demo shipped with the package, and
+:class:`CUB200`, a reader for a local copy of CUB-200-2011 (official layout, part keypoints)."""
+
+from fgvce_lightning.datasets.cub import CUB200, CUB_PART_NAMES, CropGeometry, make_fake_cub
 
 from fgvce_lightning.datasets.synthetic import (
     ATTRIBUTES,
@@ -14,6 +17,10 @@ from fgvce_lightning.datasets.synthetic import (
 )
 
 __all__ = [
+    "CUB200",
+    "CUB_PART_NAMES",
+    "CropGeometry",
+    "make_fake_cub",
     "ATTRIBUTES",
     "CLASS_SPECS",
     "PART_NAMES",

@@ -52,6 +52,41 @@ def reference_cell_scores(head: Head, references: torch.Tensor, valid: torch.Ten
     """
     n, k, c, h, w = references.shape
     device = references.device
+    scores = torch.zeros(n, k, h, w, dtype=torch.float32, device=device)
+    if n == 0:
+        return scores
+    # Queries with the same (true, pred) pair share their references (the bank's class `true`) and
+    # their scores: compute each pair once.
+    pairs = true.long() * (int(pred.max()) + 1) + pred.long()
+    _, first = _first_occurrence(pairs)
+    uniq = first.unique()
+    sub = _scores_once(head, references[uniq], valid[uniq], true[uniq], pred[uniq],
+                       chunk_size=chunk_size, channels=channels)
+    if sub is None:
+        return None
+    inverse = torch.searchsorted(uniq, first)
+    return sub[inverse]
+
+
+def _first_occurrence(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every element, the index of the first element with the same key."""
+    n = keys.numel()
+    order = torch.argsort(keys, stable=True)
+    sorted_keys = keys[order]
+    starts = torch.ones(n, dtype=torch.bool, device=keys.device)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    group = torch.cumsum(starts.long(), 0) - 1
+    first_in_group = order[starts]
+    first = torch.empty(n, dtype=torch.long, device=keys.device)
+    first[order] = first_in_group[group]
+    return group, first
+
+
+def _scores_once(head: Head, references: torch.Tensor, valid: torch.Tensor, true: torch.Tensor,
+                 pred: torch.Tensor, *, chunk_size: int, channels: Optional[int]
+                 ) -> Optional[torch.Tensor]:
+    n, k, c, h, w = references.shape
+    device = references.device
     q_idx, k_idx = valid.nonzero(as_tuple=True)
     scores = torch.zeros(n, k, h, w, dtype=torch.float32, device=device)
     if q_idx.numel() == 0:

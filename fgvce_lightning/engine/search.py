@@ -295,7 +295,8 @@ def _search(head: Head, b: _Batch, config: SearchConfig, generator: torch.Genera
         raise ValueError(f"Expected `protected_channels` ({config.protected_channels}) to leave at "
                          f"least one channel of the {c} feature channels to swap.")
 
-    # 2. candidate reference cells (one gradient pass per reference map)
+    # 2. candidate reference cells (one gradient pass per reference map; queries that share a
+    #    (true, pred) pair share the passes, but each is charged for all of them)
     scores = reference_cell_scores(head, b.refs, b.valid, b.true, b.pred,
                                    chunk_size=config.chunk_size, channels=cs)
     b.evals += b.valid.sum(1)
