@@ -1,0 +1,159 @@
+"""Cost of the CounterfactualMonitor: validation-epoch time with and without it, and its memory.
+
+Same model (the demo SmallCNN, briefly trained), same SyntheticBirds validation set, same process:
+
+1. ``N`` validation epochs *without* the monitor (``trainer.validate``, timed by a probe callback);
+2. ``N`` validation epochs *with* it (explaining ``--max-samples`` mistakes per epoch), timing
+   separately the collection (first batch start → before the monitor's epoch end) and the
+   explanation (the monitor's epoch end: search, parts, statistics, TensorBoard, report);
+3. the memory the monitor holds (bank + buffers bytes) and the process RSS (or
+   ``torch.cuda.max_memory_allocated`` on GPU) after each of the ``N`` epochs: it must stay flat.
+
+Prints a table and the ratios (collection-only and total), e.g.::
+
+    python benchmarks/bench_callback.py --epochs 20 --max-samples 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+import warnings
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from fgvce_lightning.callback import CounterfactualMonitor
+from fgvce_lightning.datasets import PART_NAMES
+from fgvce_lightning.datasets.synthetic import make_dataloaders
+from fgvce_lightning.demo import DemoClassifier
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+class _Clock(L.Callback):
+    """Placed before the monitor: marks the epoch start and the end of collection."""
+
+    def __init__(self) -> None:
+        self.start = self.collected = 0.0
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.collected = time.perf_counter()
+
+
+class _Stop(L.Callback):
+    """Placed after the monitor: marks the end of the epoch (explanation included)."""
+
+    def __init__(self) -> None:
+        self.end = 0.0
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.end = time.perf_counter()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=20, help="validation epochs per setting")
+    parser.add_argument("--max-samples", type=int, default=64)
+    parser.add_argument("--num-val", type=int, default=500)
+    parser.add_argument("--num-train", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--report-html", action="store_true", help="also write report.html")
+    parser.add_argument("--log-images", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (1 avoids oversubscription on a busy machine)")
+    parser.add_argument("--json", default=None, help="also write the numbers to this file")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    L.seed_everything(0, verbose=False)
+    train, val = make_dataloaders(args.num_train, args.num_val, batch_size=args.batch_size, seed=0)
+    model = DemoClassifier(num_classes=8)
+    root = tempfile.mkdtemp(prefix="bench_callback_")
+    common = dict(accelerator=args.accelerator, devices=1, enable_progress_bar=False,
+                  enable_model_summary=False, default_root_dir=root)
+    L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, **common).fit(model, train, val)
+    device = "cuda" if torch.cuda.is_available() and args.accelerator in ("auto", "gpu", "cuda") else "cpu"
+
+    # warm-up (allocator, lazy imports), then baseline
+    clock, stop = _Clock(), _Stop()
+    base_trainer = L.Trainer(logger=False, callbacks=[clock, stop], **common)
+    base_trainer.validate(model, val, verbose=False)
+    base = []
+    for _ in range(args.epochs):
+        base_trainer.validate(model, val, verbose=False)
+        base.append(stop.end - clock.start)
+
+    monitor = CounterfactualMonitor(max_samples=args.max_samples, part_names=PART_NAMES,
+                                    report_html=args.report_html, log_images=args.log_images)
+    clock, stop = _Clock(), _Stop()
+    logger = TensorBoardLogger(root, name="tb")
+    trainer = L.Trainer(logger=logger, callbacks=[clock, monitor, stop], **common)
+    collect, total, explain, held, rss, gpu = [], [], [], [], [], []
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.epochs):
+        trainer.validate(model, val, verbose=False)
+        collect.append(clock.collected - clock.start)
+        total.append(stop.end - clock.start)
+        explain.append(stop.end - clock.collected)
+        held.append(monitor.memory_bytes)
+        rss.append(_rss_mb())
+        if device == "cuda":
+            gpu.append(torch.cuda.max_memory_allocated() / 2 ** 20)
+    last = monitor.last_result
+
+    med = statistics.median
+    print(f"torch threads={torch.get_num_threads()}  device={device}  val images={args.num_val}  batch={args.batch_size}  "
+          f"epochs={args.epochs}  max_samples={args.max_samples}  "
+          f"bank capacity/class={monitor._store.bank.capacity_per_class}")
+    print(f"mistakes per epoch: {last.stats.num_misclassified}, explained {last.stats.num_explained} "
+          f"(skipped {last.stats.num_skipped}), flip rate {last.stats.flip_rate:.2f}, "
+          f"search time {last.elapsed_s:.2f} s")
+    print(f"{'epoch':>5} {'base s':>8} {'collect s':>9} {'explain s':>9} {'total s':>8} "
+          f"{'held MB':>8} {'RSS MB':>8}" + (f" {'GPU peak MB':>11}" if gpu else ""))
+    for i in range(args.epochs):
+        print(f"{i:>5} {base[i]:>8.3f} {collect[i]:>9.3f} {explain[i]:>9.3f} {total[i]:>8.3f} "
+              f"{held[i] / 2 ** 20:>8.2f} {rss[i]:>8.1f}" + (f" {gpu[i]:>11.1f}" if gpu else ""))
+    numbers = {
+        "device": device, "baseline_s": med(base), "collect_s": med(collect),
+        "explain_s": med(explain), "total_s": med(total),
+        "collection_ratio": med(collect) / med(base), "total_ratio": med(total) / med(base),
+        "held_mb_first_last": [held[0] / 2 ** 20, held[-1] / 2 ** 20],
+        "rss_mb_second_last": [rss[1] if len(rss) > 1 else rss[0], rss[-1]],
+        "gpu_peak_mb_first_last": [gpu[0], gpu[-1]] if gpu else None,
+    }
+    print(f"median validation epoch: baseline {numbers['baseline_s']:.3f} s | with monitor: "
+          f"collection {numbers['collect_s']:.3f} s (ratio {numbers['collection_ratio']:.3f}), "
+          f"explanation {numbers['explain_s']:.3f} s, total {numbers['total_s']:.3f} s "
+          f"(ratio {numbers['total_ratio']:.3f})")
+    print(f"memory held by the monitor: {held[0] / 2 ** 20:.2f} MB → {held[-1] / 2 ** 20:.2f} MB; "
+          f"RSS epoch 1 → {args.epochs - 1}: {numbers['rss_mb_second_last'][0]:.1f} → "
+          f"{numbers['rss_mb_second_last'][1]:.1f} MB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(numbers, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,416 @@
+"""The steps behind :class:`~fgvce_lightning.callback.CounterfactualMonitor`.
+
+* :class:`Stores`: the reference bank, the mistake reservoir and the references' thumbnails/part
+  labels, sized once from the memory budget.
+* :func:`search_local` → :func:`sync_prototypes` → :func:`make_samples` → :func:`gather` →
+  :func:`build_result` → :func:`publish`: one explained validation epoch.
+
+Under DDP exactly two collectives run per explained epoch on every rank (one broadcast of the part
+prototypes, one ``all_gather_object`` of the explained samples), whatever happened locally: local
+failures are caught and recorded before them, so ranks never wait on each other forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+import torch
+
+from .collection import MistakeBuffer, ParsedBatch, ReferenceExtras, make_thumbnails
+from .engine._util import preserved_rng_state, preserved_training_flags
+from .engine.bank import ReferenceBank
+from .engine.results import Explanation
+from .parts import (PartInfo, assign_parts, compute_epoch_stats,
+                    keypoints_to_cell_parts, masks_to_cell_parts)
+from .reporting.epoch import EpochResult, ExplainedSample
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+    from .callback import CounterfactualMonitor
+
+__all__ = ["Stores", "search_local", "sync_prototypes", "make_samples", "gather", "build_result",
+           "publish", "summary"]
+
+_PROTOTYPE_CELLS = 8192   # most bank feature maps' cells the part prototypes are fitted on per epoch
+
+
+@dataclass
+class Stores:
+    """Everything kept during one validation epoch; sized once, never grows."""
+
+    bank: ReferenceBank
+    extras: ReferenceExtras
+    mistakes: MistakeBuffer
+    input_size: tuple[int, int]
+    feature_dtype: torch.dtype
+    part_source: str
+    num_annotated: int
+    thumbnail_size: int
+
+    @classmethod
+    def build(cls, *, num_classes: int, feature_shape: tuple[int, int, int],
+              input_size: tuple[int, int], device: torch.device, dtype: torch.dtype,
+              feature_dtype: torch.dtype, mistakes: int, budget_bytes: int,
+              max_per_class: Optional[int], thumbnail_size: int, part_source: str,
+              num_annotated: int, seed: int) -> "Stores":
+        """Size the stores from ``budget_bytes``: mistakes first, the rest to the bank.
+
+        Raises:
+            ValueError: when the budget does not hold the mistakes and one reference per class.
+        """
+        c, h, w = feature_shape
+        element = torch.empty((), dtype=dtype).element_size()
+        feat = c * h * w * element
+        extras = 3 * thumbnail_size ** 2 + num_annotated * h * w + 3 * 8  # thumbnail, part labels, id
+        per_mistake = feat + extras + 2 * 8
+        per_reference = feat + 3 * 8 + extras
+        mistake_bytes = mistakes * per_mistake
+        capacity = (budget_bytes - mistake_bytes) // (num_classes * per_reference)
+        if capacity < 1:
+            need = mistake_bytes + num_classes * per_reference
+            raise ValueError(
+                f"Expected `memory_budget_mb` to hold {mistakes} mistakes and at least one reference "
+                f"per class ({num_classes} classes, feature maps {tuple(feature_shape)} in {dtype}: "
+                f"{need / 2 ** 20:.1f} MB), but got {budget_bytes / 2 ** 20:.1f} MB. Raise "
+                "`memory_budget_mb`, use bank_dtype='bfloat16', lower `max_samples` or "
+                "`thumbnail_size`, or split the model where the feature maps are smaller.")
+        if max_per_class is not None:
+            capacity = min(capacity, max_per_class)
+        return cls(bank=ReferenceBank(num_classes, int(capacity), tuple(feature_shape), device=device,
+                                      dtype=dtype),
+                   extras=ReferenceExtras(num_classes, int(capacity)),
+                   mistakes=MistakeBuffer(mistakes, seed=seed), input_size=tuple(input_size),
+                   feature_dtype=feature_dtype, part_source=part_source,
+                   num_annotated=num_annotated, thumbnail_size=thumbnail_size)
+
+    def reset(self, reseed: int = 0) -> None:
+        """Start a new epoch: empty the bank, the extras and the reservoir (memory kept)."""
+        self.bank.reset()
+        self.extras.reset()
+        self.mistakes.reset(reseed)
+
+    def check(self, feats: torch.Tensor, logits: torch.Tensor, parsed: ParsedBatch) -> None:
+        """Raise if a batch does not match the stores (feature shape, classes, input size)."""
+        if tuple(feats.shape[1:]) != self.bank.feature_shape:
+            raise ValueError(f"Expected feature maps of shape (B, {self.bank.feature_shape}) as in the "
+                             f"first batch, but got {tuple(feats.shape)}. Use a fixed input size.")
+        if logits.shape[1] != self.bank.num_classes:
+            raise ValueError(f"Expected {self.bank.num_classes} logits as in the first batch, but got "
+                             f"{logits.shape[1]}.")
+        if int(parsed.labels.min()) < 0 or int(parsed.labels.max()) >= self.bank.num_classes:
+            raise ValueError(f"Expected labels in [0, {self.bank.num_classes}), but got "
+                             f"[{int(parsed.labels.min())}, {int(parsed.labels.max())}].")
+
+    def cell_parts(self, parsed: ParsedBatch) -> Optional[torch.Tensor]:
+        """``(B, P, H, W)`` bool part labels of the batch's cells from its annotations, or ``None``."""
+        grid = self.bank.feature_shape[1:]
+        if self.part_source == "keypoints" and parsed.keypoints is not None:
+            return keypoints_to_cell_parts(parsed.keypoints, self.input_size, grid).cpu()
+        if self.part_source == "masks" and parsed.masks is not None:
+            return masks_to_cell_parts(parsed.masks, grid).cpu()
+        if self.part_source in ("keypoints", "masks"):
+            raise ValueError(f"Expected every validation batch to carry `{self.part_source}`, but "
+                             "this one has none.")
+        return None
+
+    def add(self, feats: torch.Tensor, labels: torch.Tensor, pred: torch.Tensor, wrong: torch.Tensor,
+            ids: torch.Tensor, parsed: ParsedBatch) -> None:
+        """Correct samples go to the bank, mistakes to the reservoir, with thumbnails and parts."""
+        images, size = parsed.images, self.thumbnail_size
+        parts = self.cell_parts(parsed)
+        wrong_cpu, ids = wrong.cpu(), ids.cpu()
+        right_cpu = ~wrong_cpu
+        if bool(right_cpu.any()):
+            right = right_cpu.to(feats.device)
+            self.bank.add(feats[right], labels[right], ids[right_cpu])
+            extra = {"thumb": make_thumbnails(images[right], size)}
+            if parts is not None:
+                extra["parts"] = parts[right_cpu]
+            self.extras.add(labels[right].cpu(), ids[right_cpu], **extra)
+        if bool(wrong_cpu.any()):
+            wrong_idx = wrong.nonzero().squeeze(1)
+            extra = {"thumb": lambda rows: make_thumbnails(images[wrong_idx[rows.to(wrong_idx.device)]],
+                                                           size)}
+            if parts is not None:
+                extra["parts"] = parts[wrong_cpu]
+            self.mistakes.add(int(wrong_idx.numel()), features=feats[wrong_idx].to(self.bank.dtype),
+                              true=labels[wrong_idx].cpu(), pred=pred[wrong_idx].cpu(),
+                              ids=ids[wrong_cpu], **extra)
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.bank.memory_bytes + self.extras.memory_bytes + self.mistakes.memory_bytes
+
+
+@dataclass
+class LocalResult:
+    """What one rank found: explanations of its kept mistakes (search order) and its failures."""
+
+    explanations: list[Explanation] = field(default_factory=list)
+    num_misclassified: int = 0
+    failures: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    budget_hit: bool = False
+
+
+def _warn_failure(failures: list[str], what: str, err: BaseException) -> None:
+    message = f"{what} failed: {type(err).__name__}: {err}"
+    warnings.warn(f"CounterfactualMonitor: {message} (training continues; counted in the report).",
+                  RuntimeWarning, stacklevel=3)
+    failures.append(message)
+
+
+def _search_fn(strategy: str):
+    if strategy == "greedy":
+        from .engine.greedy import greedy_search
+        return greedy_search
+    from .engine.search import counterfactual_search
+    return counterfactual_search
+
+
+def search_local(monitor: "CounterfactualMonitor", trainer: "pl.Trainer",
+                 pl_module: "pl.LightningModule") -> LocalResult:
+    """Explain this rank's kept mistakes in chunks, stopping at the time budget. Never raises."""
+    out = LocalResult(num_misclassified=monitor._num_misclassified,
+                      failures=list(monitor._collect_failures))
+    store = monitor._store
+    if store is None or store.mistakes.size == 0:
+        return out
+    start = time.perf_counter()
+    try:
+        device = store.bank.device
+        queries = store.mistakes.get("features")
+        true, pred = store.mistakes.get("true"), store.mistakes.get("pred")
+        generator = torch.Generator(device=device).manual_seed(monitor.seed + trainer.current_epoch)
+        search = _search_fn(monitor.strategy)
+        n, step = queries.shape[0], monitor.explain_batch_size
+        with preserved_training_flags(pl_module), preserved_rng_state([device]), \
+                _preserved_grads(pl_module), torch.no_grad():
+            for offset in range(0, n, step):
+                if (monitor.time_budget_s is not None and offset > 0
+                        and time.perf_counter() - start > monitor.time_budget_s):
+                    out.budget_hit = True
+                    break
+                q = queries[offset:offset + step].to(store.feature_dtype)
+                t, p = true[offset:offset + step].to(device), pred[offset:offset + step].to(device)
+                kwargs = {"generator": generator, "modules": (pl_module,)}
+                explanations = search(monitor._split.head, q, t, p, store.bank,
+                                      monitor.search_config, **kwargs)
+                out.explanations.extend(dataclasses.replace(e, query_index=offset + e.query_index)
+                                        for e in explanations)
+    except Exception as err:  # noqa: BLE001 - an explanation failure never stops training
+        _warn_failure(out.failures, f"explaining {store.mistakes.size} mistakes", err)
+        out.explanations = []
+    out.elapsed_s = time.perf_counter() - start
+    return out
+
+
+@contextlib.contextmanager
+def _preserved_grads(module: torch.nn.Module) -> Iterator[None]:
+    """Restore every parameter's ``.grad`` object (and ``requires_grad``) afterwards."""
+    saved = [(p, p.grad, p.requires_grad) for p in module.parameters()]
+    try:
+        yield
+    finally:
+        for p, grad, requires in saved:
+            p.grad = grad
+            p.requires_grad_(requires)
+
+
+def _world(trainer: "pl.Trainer") -> int:
+    return int(getattr(trainer, "world_size", 1) or 1)
+
+
+def _prototype_cells(bank: ReferenceBank) -> torch.Tensor:
+    """A class-balanced sample of the bank's feature maps for fitting the prototypes."""
+    c, h, w = bank.feature_shape
+    per_class = max(1, math.ceil(_PROTOTYPE_CELLS / (h * w) / bank.num_classes))
+    maps = [bank.get(k)[0][:per_class] for k in range(bank.num_classes)]
+    return torch.cat(maps).float()
+
+
+def sync_prototypes(monitor: "CounterfactualMonitor", trainer: "pl.Trainer",
+                    failures: list[str]) -> None:
+    """Rank 0 refits the part prototypes on its bank; all ranks then share rank 0's prototypes.
+
+    Runs the broadcast on every rank under DDP whatever the part source, so the number of
+    collectives never depends on local state.
+    """
+    store = monitor._store
+    protos = monitor._prototypes
+    if trainer.is_global_zero and store is not None and store.part_source == "prototypes":
+        try:
+            with preserved_rng_state([store.bank.device]):
+                protos.update(_prototype_cells(store.bank))
+        except Exception as err:  # noqa: BLE001
+            _warn_failure(failures, "fitting the part prototypes", err)
+    if _world(trainer) > 1:
+        state = protos.state_dict() if trainer.is_global_zero else None
+        state = trainer.strategy.broadcast(state, src=0)
+        if not trainer.is_global_zero and state is not None:
+            try:
+                protos.load_state_dict(state)
+            except Exception as err:  # noqa: BLE001
+                _warn_failure(failures, "loading rank 0's part prototypes", err)
+
+
+def _parts_of(monitor: "CounterfactualMonitor", store: Stores) -> tuple[PartInfo, ...]:
+    if store.part_source in ("keypoints", "masks"):
+        names = monitor.part_names or [f"part {k}" for k in range(store.num_annotated)]
+        return tuple(PartInfo(id=k, name=n, source=store.part_source) for k, n in enumerate(names))
+    if store.part_source == "prototypes" and monitor._prototypes.fitted:
+        return monitor._prototypes.parts()
+    return ()
+
+
+def make_samples(monitor: "CounterfactualMonitor", trainer: "pl.Trainer", local: LocalResult
+                 ) -> tuple[list[ExplainedSample], tuple[PartInfo, ...]]:
+    """Attach query ids, thumbnails, reference thumbnails and part names. Never raises."""
+    store = monitor._store
+    if store is None or not local.explanations:
+        return [], (() if store is None else _parts_of(monitor, store))
+    exps = local.explanations
+    ids = store.mistakes.get("ids")
+    thumbs = store.mistakes.get("thumb")
+    parts: tuple[PartInfo, ...] = ()
+    assignments = None
+    try:
+        parts = _parts_of(monitor, store)
+        names = [p.name for p in parts]
+        if parts and store.part_source == "prototypes":
+            query_labels = monitor._prototypes.assign(store.mistakes.get("features").float()).cpu()
+            reference_labels = _prototype_reference_labels(monitor, store, exps)
+        elif parts:
+            query_labels = store.mistakes.get("parts")
+            reference_labels = lambda key: store.extras.lookup_id("parts", key)  # noqa: E731
+        if parts:
+            assignments = assign_parts(exps, names, query_labels, reference_labels)
+    except Exception as err:  # noqa: BLE001
+        _warn_failure(local.failures, "labelling the edited cells with parts", err)
+        assignments, parts = None, ()
+    samples = []
+    for k, exp in enumerate(exps):
+        refs = tuple(store.extras.lookup_id("thumb", e.reference_id) for e in exp.edits)
+        a = assignments[k] if assignments is not None else None
+        samples.append(ExplainedSample(
+            explanation=exp, query_id=tuple(int(v) for v in ids[exp.query_index].tolist()),
+            thumbnail=thumbs[exp.query_index].clone() if thumbs is not None else None,
+            reference_thumbnails=refs,
+            edit_parts=a.edit_parts if a is not None else (),
+            reference_parts=a.reference_parts if a is not None else (),
+            cell_parts=a.cell_parts if a is not None else None,
+            rank=int(trainer.global_rank)))
+    return samples, parts
+
+
+def _prototype_reference_labels(monitor: "CounterfactualMonitor", store: Stores,
+                                exps: list[Explanation]) -> dict[tuple, torch.Tensor]:
+    """Part-id maps of every reference an edit used, keyed by reference id."""
+    out: dict[tuple, torch.Tensor] = {}
+    by_class: dict[int, torch.Tensor] = {}
+    for exp in exps:
+        for e in exp.edits:
+            if e.reference_slot < 0 or tuple(e.reference_id) in out:
+                continue
+            if exp.true not in by_class:
+                by_class[exp.true] = store.bank.get(exp.true)[0]
+            maps = by_class[exp.true]
+            if e.reference_slot < maps.shape[0]:
+                out[tuple(e.reference_id)] = monitor._prototypes.assign(
+                    maps[e.reference_slot:e.reference_slot + 1].float())[0].cpu()
+    return out
+
+
+def gather(trainer: "pl.Trainer", payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's payload (one ``all_gather_object`` under DDP; ``[payload]`` otherwise)."""
+    if _world(trainer) <= 1 or not torch.distributed.is_available() \
+            or not torch.distributed.is_initialized():
+        return [payload]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, payload)
+    return [p for p in out if p is not None]
+
+
+def build_result(monitor: "CounterfactualMonitor", trainer: "pl.Trainer",
+                 payloads: list[dict[str, Any]], epoch: int) -> EpochResult:
+    """Merge the ranks' payloads into the epoch's :class:`EpochResult` (statistics included)."""
+    samples = [s for p in payloads for s in p["samples"]]
+    failures = [f"rank {p['rank']}: {f}" if len(payloads) > 1 else f
+                for p in payloads for f in p["failures"]]
+    parts = next((p["parts"] for p in payloads if p["parts"]), ())
+    num_misclassified = sum(int(p["num_misclassified"]) for p in payloads)
+    try:
+        stats = compute_epoch_stats(samples, parts, num_misclassified)
+    except Exception as err:  # noqa: BLE001
+        _warn_failure(failures, "computing the part statistics", err)
+        stats = compute_epoch_stats(samples, (), num_misclassified)
+    store = monitor._store
+    grid = tuple(store.bank.feature_shape[1:]) if store is not None else (0, 0)
+    input_size = tuple(store.input_size) if store is not None else (0, 0)
+    for p in payloads:   # a rank may have seen no batch: take the shapes from one that did
+        if store is None and p.get("grid"):
+            grid, input_size = tuple(p["grid"]), tuple(p["input_size"])
+    return EpochResult(epoch=int(epoch), global_step=int(trainer.global_step), feature_grid=grid,
+                       input_size=input_size, samples=tuple(samples), stats=stats,
+                       class_names=monitor.class_names, failures=tuple(failures),
+                       elapsed_s=max((float(p["elapsed_s"]) for p in payloads), default=0.0),
+                       method=monitor.strategy)
+
+
+def payload_of(monitor: "CounterfactualMonitor", trainer: "pl.Trainer", local: LocalResult,
+               samples: list[ExplainedSample], parts: tuple[PartInfo, ...]) -> dict[str, Any]:
+    """The picklable per-rank record that :func:`gather` exchanges."""
+    store = monitor._store
+    return {"rank": int(trainer.global_rank), "samples": samples, "parts": parts,
+            "num_misclassified": local.num_misclassified, "failures": list(local.failures),
+            "elapsed_s": local.elapsed_s, "budget_hit": local.budget_hit,
+            "grid": None if store is None else tuple(store.bank.feature_shape[1:]),
+            "input_size": None if store is None else tuple(store.input_size)}
+
+
+def summary(result: EpochResult) -> dict[str, Any]:
+    """A small, checkpointable summary of one explained epoch."""
+    s = result.stats
+    return {"epoch": result.epoch, "global_step": result.global_step,
+            "num_misclassified": s.num_misclassified, "num_explained": s.num_explained,
+            "num_skipped": s.num_skipped, "flip_rate": s.flip_rate, "mean_edits": s.mean_edits,
+            "failures": len(result.failures), "elapsed_s": result.elapsed_s,
+            "part_error_share": {p.part: p.error_share for p in s.part_stats}}
+
+
+def publish(monitor: "CounterfactualMonitor", trainer: "pl.Trainer", result: EpochResult) -> None:
+    """Rank 0: scalars to every logger, TensorBoard panels, the epoch report. Never raises."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from .reporting.export import write_epoch_report
+    from .reporting.scalars import epoch_scalars
+    from .reporting.tensorboard import TensorBoardReporter
+
+    step = int(trainer.global_step)
+    scalars = epoch_scalars(result, monitor.prefix)
+    for logger in trainer.loggers:
+        try:
+            logger.log_metrics(scalars, step=step)
+            if isinstance(logger, TensorBoardLogger):
+                reporter = monitor._reporters.get(id(logger))
+                if reporter is None:
+                    reporter = TensorBoardReporter(logger.experiment, prefix=monitor.prefix,
+                                                   max_images=monitor.log_images)
+                    monitor._reporters[id(logger)] = reporter
+                reporter.log_epoch(result, step, scalars=False)
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(f"CounterfactualMonitor: logging to {type(logger).__name__} failed: "
+                          f"{type(err).__name__}: {err}", RuntimeWarning, stacklevel=2)
+    try:
+        monitor.last_report = write_epoch_report(result, monitor._report_root,
+                                                 html=monitor.report_html)
+    except Exception as err:  # noqa: BLE001
+        warnings.warn(f"CounterfactualMonitor: writing the epoch report to {monitor._report_root} "
+                      f"failed: {type(err).__name__}: {err}", RuntimeWarning, stacklevel=2)

@@ -1,0 +1,491 @@
+"""``CounterfactualMonitor``: explain the validation mistakes of a training run, part by part.
+
+During validation a forward hook on the split point captures the feature maps that the user's own
+``validation_step`` computes (no second forward pass); logits come from the head. Correctly
+classified samples fill a per-class reference bank, mistakes a reservoir sample. At the end of
+every ``every_n_epochs``-th validation epoch the monitor explains up to ``max_samples`` mistakes
+with the counterfactual search, labels the edited cells with parts, aggregates per-part error
+statistics, logs them and writes an epoch report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import warnings
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+
+from . import _monitor_steps as steps
+from .collection import ParsedBatch, parse_batch
+from .engine._util import check_feature_map, preserved_rng_state, preserved_training_flags
+from .engine.search import SearchConfig
+from .engine.split import ModelSplit, locate_hook_module, split_model
+from .parts import PartHistory, PartPrototypes
+from .reporting.epoch import EpochResult
+
+__all__ = ["CounterfactualMonitor"]
+
+_STRATEGIES = ("fgvce", "greedy")
+_PART_SOURCES = ("auto", "keypoints", "masks", "prototypes", "none")
+_BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_STATE_VERSION = 1
+_WRAPPERS = ("model", "net", "network", "backbone", "classifier")
+
+
+def _positive_int(value: Any, name: str, allow_none: bool = False) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Expected `{name}` to be a positive integer{' or None' if allow_none else ''}, "
+                         f"but got {value!r}.")
+    return value
+
+
+class CounterfactualMonitor(Callback):
+    r"""Explain the model's validation mistakes with fine-grained counterfactuals while it trains.
+
+    Args:
+        layer: name of the split layer (``features`` = everything up to and including it), passed to
+            :func:`~fgvce_lightning.engine.split.split_model`; ``None`` = automatic.
+        features: explicit ``x -> F`` callable (with ``head``).
+        head: explicit ``F -> logits`` callable (with ``features``).
+        num_classes: number of classes; ``None`` = inferred from the head's logits.
+        every_n_epochs: explain the validation epochs ``0, n, 2n, ...``.
+        max_samples: most mistakes explained per epoch (all processes together).
+        time_budget_s: stop explaining after this many seconds (checked between chunks of
+            ``explain_batch_size`` queries); ``None`` = no limit.
+        memory_budget_mb: memory for the reference bank and the mistake buffer (on the model's
+            device; thumbnails and part labels, on the CPU, are counted too). The per-class bank
+            size follows from it, capped at ``max_references_per_class``.
+        max_references_per_class: most references kept per class (``None`` = as many as the budget
+            allows). More references cost search time, not only memory.
+        bank_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` storage of the feature maps.
+        thumbnail_size: side in pixels of the thumbnail kept for every kept image.
+        report_dir: where epoch reports go; ``None`` = ``<trainer.log_dir>/fgvce``.
+        report_html: also write ``report.html`` (with figures and pictures; the slow part).
+        search: a :class:`~fgvce_lightning.engine.search.SearchConfig`; or give its fields as
+            keyword arguments (``window=3``, ``max_edits=8``, ...), not both.
+        strategy: ``"fgvce"`` (saliency partition) or ``"greedy"`` (Goyal et al. cell swaps).
+        batch_parser: ``batch -> (x, y)`` (or a dict with ``image``/``label`` and optional
+            ``keypoints``/``masks``) for batches that are neither a tuple ``(x, y, ...)`` nor such a
+            dict.
+        part_source: ``"auto"`` (keypoints, else masks from the batch dict, else discovered
+            prototypes), ``"keypoints"``, ``"masks"``, ``"prototypes"`` or ``"none"``.
+        part_names: names of the annotated parts (by index) or of the prototypes.
+        num_parts: number of discovered part prototypes.
+        class_names: class names for the reports.
+        log_images: number of explained samples drawn to TensorBoard per epoch.
+        explain_batch_size: queries searched together (the time budget is checked between them).
+        seed: seed of the monitor's own random generators (the global RNG is never used).
+        prefix: prefix of the logged scalar tags.
+        **search_options: :class:`SearchConfig` fields.
+
+    Logged scalars (through ``log_metrics`` of every logger; ``P`` = ``prefix``): ``P/flip_rate``,
+    ``P/mean_edits``, ``P/explained``, ``P/misclassified``, ``P/skipped``, ``P/explained_fraction``,
+    ``P/semantic_consistency``, ``P/failures``, ``P/explain_time_s``, ``P/part_error_share/<part>``,
+    ``P/part_contribution_share/<part>``. A ``TensorBoardLogger`` also gets images, figures, text
+    and a custom-scalars layout. Reports: ``<report_dir>/epoch_<NNN>/{report.json,report.html,edits.csv}``.
+
+    The model, its training flags, the global RNG and the optimizer are left exactly as they were:
+    a seeded run trains to identical weights with and without the monitor. A failure while
+    explaining is logged as a warning and counted in the report; it never stops training.
+    Under DDP every process explains its own share, statistics are gathered and rank 0 writes.
+
+    ``state_dict`` keeps the epoch counter, the per-epoch history and the part prototypes; not the
+    reference bank (hundreds of MB; it is refilled by the next validation epoch anyway).
+    """
+
+    def __init__(self, *, layer: Optional[str] = None, features: Optional[Callable] = None,
+                 head: Optional[Callable] = None, num_classes: Optional[int] = None,
+                 every_n_epochs: int = 1, max_samples: int = 64, time_budget_s: Optional[float] = None,
+                 memory_budget_mb: float = 512.0, max_references_per_class: Optional[int] = 64,
+                 bank_dtype: str | torch.dtype = "float32", thumbnail_size: int = 64,
+                 report_dir: Optional[str | os.PathLike] = None, report_html: bool = True,
+                 search: Optional[SearchConfig] = None,
+                 strategy: str = "fgvce", batch_parser: Optional[Callable[[Any], Any]] = None,
+                 part_source: str = "auto", part_names: Optional[Sequence[str]] = None,
+                 num_parts: int = 8, class_names: Optional[Sequence[str]] = None, log_images: int = 8,
+                 explain_batch_size: int = 16, seed: int = 0, prefix: str = "fgvce",
+                 **search_options: Any) -> None:
+        super().__init__()
+        if (features is None) != (head is None):
+            raise ValueError("Expected `features` and `head` to be given together (both callables) or "
+                             f"not at all, but got features={features!r}, head={head!r}.")
+        self.split_options = {"layer": layer, "features": features, "head": head}
+        self.num_classes = _positive_int(num_classes, "num_classes", allow_none=True)
+        self.every_n_epochs = _positive_int(every_n_epochs, "every_n_epochs")
+        self.max_samples = _positive_int(max_samples, "max_samples")
+        if time_budget_s is not None and not (isinstance(time_budget_s, (int, float))
+                                              and time_budget_s > 0):
+            raise ValueError(f"Expected `time_budget_s` to be a positive number of seconds or None, "
+                             f"but got {time_budget_s!r}.")
+        self.time_budget_s = time_budget_s
+        if isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, (int, float)) \
+                or not memory_budget_mb > 0:
+            raise ValueError(f"Expected `memory_budget_mb` to be a positive number, but got "
+                             f"{memory_budget_mb!r}.")
+        self.memory_budget_mb = float(memory_budget_mb)
+        self.max_references_per_class = _positive_int(max_references_per_class,
+                                                      "max_references_per_class", allow_none=True)
+        if isinstance(bank_dtype, torch.dtype):
+            bank_dtype = str(bank_dtype).replace("torch.", "")
+        if bank_dtype not in _BANK_DTYPES:
+            raise ValueError(f"Expected `bank_dtype` to be one of {list(_BANK_DTYPES)}, but got "
+                             f"{bank_dtype!r}.")
+        self.bank_dtype = _BANK_DTYPES[bank_dtype]
+        self.thumbnail_size = _positive_int(thumbnail_size, "thumbnail_size")
+        self.report_dir = None if report_dir is None else os.fspath(report_dir)
+        self.report_html = bool(report_html)
+        if strategy not in _STRATEGIES:
+            raise ValueError(f"Expected `strategy` to be one of {list(_STRATEGIES)}, but got {strategy!r}.")
+        self.strategy = strategy
+        self.search_config = self._make_search_config(search, search_options, self.num_classes, seed)
+        if batch_parser is not None and not callable(batch_parser):
+            raise TypeError(f"Expected `batch_parser` to be a callable, but got "
+                            f"{type(batch_parser).__name__}.")
+        self.batch_parser = batch_parser
+        if part_source not in _PART_SOURCES:
+            raise ValueError(f"Expected `part_source` to be one of {list(_PART_SOURCES)}, but got "
+                             f"{part_source!r}.")
+        self.part_source = part_source
+        self.part_names = None if part_names is None else [str(n) for n in part_names]
+        if self.part_names is not None and len(set(self.part_names)) != len(self.part_names):
+            raise ValueError(f"Expected distinct `part_names`, but got {self.part_names}.")
+        self.num_parts = _positive_int(num_parts, "num_parts")
+        if self.part_names is not None and part_source == "prototypes" and len(self.part_names) != num_parts:
+            raise ValueError(f"Expected {num_parts} `part_names` (one per prototype, `num_parts`), "
+                             f"but got {len(self.part_names)}.")
+        self.class_names = None if class_names is None else tuple(str(c) for c in class_names)
+        if isinstance(log_images, bool) or not isinstance(log_images, int) or log_images < 0:
+            raise ValueError(f"Expected `log_images` to be a non-negative integer, but got {log_images!r}.")
+        self.log_images = log_images
+        self.explain_batch_size = _positive_int(explain_batch_size, "explain_batch_size")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"Expected `seed` to be an integer, but got {seed!r}.")
+        self.seed = seed
+        if not isinstance(prefix, str) or not prefix or prefix.strip("/") != prefix:
+            raise ValueError(f"Expected `prefix` to be a non-empty string without leading or "
+                             f"trailing '/', but got {prefix!r}.")
+        self.prefix = prefix
+
+        # run state (not in the checkpoint except where noted in state_dict)
+        self._split: Optional[ModelSplit] = None
+        self._split_owner: Optional[torch.nn.Module] = None
+        self._report_root: Optional[str] = None
+        self._hook_handle: Any = None
+        self._captured: Optional[torch.Tensor] = None
+        self._fallback_warned = False
+        self._locate_tried = False
+        self._checked = False          # first batch validated (config errors raise there)
+        self._active = False           # collecting in this validation epoch
+        self._store: Optional[steps.Stores] = None
+        self._reporters: dict[int, Any] = {}
+        self.last_report: Optional[os.PathLike] = None
+        self._num_misclassified = 0
+        self._collect_failures: list[str] = []
+        self._prototypes = PartPrototypes(num_parts=self.num_parts, seed=seed)
+        if self.part_names is not None and part_source == "prototypes":
+            self._prototypes.set_names(self.part_names)
+        # checkpointed state
+        self.history = PartHistory()
+        self.summaries: list[dict[str, Any]] = []
+        self.num_explained_epochs = 0
+        self.total_failures = 0
+        self.last_result: Optional[EpochResult] = None
+
+    @staticmethod
+    def _make_search_config(search: Optional[SearchConfig], options: Mapping[str, Any],
+                            num_classes: Optional[int], seed: int) -> SearchConfig:
+        valid = [f.name for f in dataclasses.fields(SearchConfig)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise TypeError(f"Expected keyword arguments of CounterfactualMonitor or SearchConfig "
+                            f"fields {valid}, but got unknown {unknown}.")
+        if search is not None:
+            if not isinstance(search, SearchConfig):
+                raise TypeError(f"Expected `search` to be a SearchConfig, but got {type(search).__name__}.")
+            if options:
+                raise ValueError(f"Expected either `search=SearchConfig(...)` or its fields as keyword "
+                                 f"arguments, but got both (search and {sorted(options)}).")
+            config = search
+        else:
+            options = dict(options)
+            options.setdefault("seed", seed)
+            try:
+                config = SearchConfig(**options)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"Invalid search options {dict(options)}: {err}") from err
+        if num_classes is not None and getattr(config, "num_classes", None) is None:
+            config = dataclasses.replace(config, num_classes=num_classes)
+        return config
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix, strategy=self.strategy)
+
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        """Resolve the model split and the report directory (fails fast on a bad configuration)."""
+        if self._split is not None and self._split_owner is pl_module:
+            split = self._split            # again (e.g. repeated trainer.validate): keep the hook
+        else:
+            split = None
+        try:
+            self._split = split if split is not None else split_model(pl_module, **self.split_options)
+        except (TypeError, ValueError, AttributeError, KeyError) as err:
+            raise type(err)(
+                f"CounterfactualMonitor could not split {type(pl_module).__name__} into features and "
+                f"head: {err} Pass `layer='<module name>'` (a layer whose output is a (N, C, H, W) "
+                "feature map) or `features=`/`head=` callables to CounterfactualMonitor.") from err
+        self._locate_tried = self._locate_tried if split is not None else (
+            self._split.tap_module is not None)
+        self._split_owner = pl_module
+        # `trainer.log_dir` broadcasts under DDP: every rank must call it, here, together.
+        log_dir = trainer.log_dir
+        root = self.report_dir if self.report_dir is not None else os.path.join(
+            log_dir if log_dir is not None else trainer.default_root_dir, "fgvce")
+        self._report_root = root
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._remove_hook()
+        self._active = False
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                     exception: BaseException) -> None:
+        self._remove_hook()
+        self._active = False
+
+    def _should_explain(self, trainer: "pl.Trainer") -> bool:
+        if trainer.sanity_checking:
+            return False
+        fn = trainer.state.fn
+        if fn == TrainerFn.VALIDATING:
+            return True
+        return fn == TrainerFn.FITTING and trainer.current_epoch % self.every_n_epochs == 0
+
+    def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._active = self._should_explain(trainer) or (trainer.sanity_checking and not self._checked)
+        self._num_misclassified = 0
+        self._collect_failures = []
+        if self._store is not None:
+            self._store.reset(reseed=trainer.current_epoch)
+
+    # ------------------------------------------------------------------ collection
+    def _remove_hook(self) -> None:
+        if self._hook_handle is not None:
+            self._hook_handle.remove()
+            self._hook_handle = None
+        self._captured = None
+
+    def on_validation_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                                  batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._remove_hook()
+        if not self._active or self._split is None or self._split.tap_module is None:
+            return
+        split = self._split
+
+        def hook(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+            # first call of the batch only; a detached copy (the forward may modify its output in
+            # place later), made outside inference mode so it can be stored and searched later
+            if self._captured is None:
+                with torch.inference_mode(False), torch.no_grad():
+                    out = split.features_from_tap(output)
+                    if isinstance(out, torch.Tensor):
+                        self._captured = out.detach().clone()
+
+        self._hook_handle = split.tap_module.register_forward_hook(hook)
+
+    def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                                outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        captured = self._captured
+        self._remove_hook()
+        if not self._active:
+            return
+        try:
+            with torch.inference_mode(False), torch.no_grad(), preserved_rng_state([pl_module.device]):
+                self._collect(trainer, pl_module, batch, captured, batch_idx, dataloader_idx)
+            self._checked = True
+        except Exception as err:  # noqa: BLE001 - configuration errors raise, later ones are counted
+            if not self._checked:
+                raise
+            message = f"collection failed at batch {batch_idx}: {type(err).__name__}: {err}"
+            warnings.warn(f"CounterfactualMonitor: {message}; no more samples are collected this "
+                          "epoch.", RuntimeWarning, stacklevel=2)
+            self._collect_failures.append(message)
+            self._active = False
+        if trainer.sanity_checking:
+            self._active = False   # one sanity batch checks the configuration; nothing is kept
+
+    def _collect(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+                 captured: Optional[torch.Tensor], batch_idx: int, dataloader_idx: int) -> None:
+        parsed = parse_batch(batch, self.batch_parser)
+        feats = self._features_for(parsed, captured, pl_module)
+        with preserved_training_flags(pl_module, eval_mode=False):
+            logits = self._split.head(feats)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != feats.shape[0]:
+            raise ValueError(f"Expected the head to return logits of shape ({feats.shape[0]}, "
+                             f"num_classes), but got {getattr(logits, 'shape', type(logits).__name__)}. "
+                             "Check the model split (`layer`/`features`/`head`).")
+        if self._store is None:
+            self._store = self._build_stores(trainer, pl_module, parsed, feats, logits)
+        store = self._store
+        store.check(feats, logits, parsed)
+        labels = parsed.labels.to(logits.device)
+        pred = logits.argmax(1)
+        wrong = pred != labels
+        if trainer.sanity_checking:
+            return
+        b = labels.shape[0]
+        ids = torch.stack([torch.full((b,), dataloader_idx), torch.full((b,), batch_idx),
+                           torch.arange(b)], 1)
+        self._num_misclassified += int(wrong.sum())
+        store.add(feats, labels, pred, wrong, ids, parsed)
+
+    def _locate_hook(self, pl_module: "pl.LightningModule", images: torch.Tensor) -> None:
+        """For splits without a hook module (e.g. ``forward_features``), find the module whose
+        output is the feature map, once, so later batches are captured without a second forward."""
+        self._locate_tried = True
+        found = None
+        for owner in (pl_module, *(getattr(pl_module, a, None) for a in _WRAPPERS)):
+            if not isinstance(owner, torch.nn.Module):
+                continue
+            try:
+                found = locate_hook_module(owner, self._split, images[:2])
+            except Exception:  # noqa: BLE001 - e.g. a LightningModule without `forward`
+                found = None
+            if found is not None:
+                break
+        if found is None:
+            warnings.warn("CounterfactualMonitor: no module of the model outputs the split's feature "
+                          "maps, so they are recomputed with a second forward pass of `features` "
+                          "during validation (slower). Split at a module (`layer=`) to avoid it.",
+                          RuntimeWarning, stacklevel=3)
+            self._fallback_warned = True
+            return
+        self._split = dataclasses.replace(self._split, hook_module=found, tap_module=found,
+                                          tap_transform=None)
+
+    def _features_for(self, parsed: ParsedBatch, captured: Optional[torch.Tensor],
+                      pl_module: "pl.LightningModule") -> torch.Tensor:
+        b = parsed.images.shape[0]
+        hooked = self._split.tap_module is not None   # a hook was registered for this batch
+        if not self._locate_tried:
+            with preserved_training_flags(pl_module, eval_mode=False):
+                self._locate_hook(pl_module, parsed.images)
+        if captured is None or captured.dim() != 4 or captured.shape[0] != b:
+            if captured is not None:
+                raise ValueError(
+                    f"Expected the split module to output feature maps of shape ({b}, C, H, W) for "
+                    f"the validation batch, but it produced {tuple(captured.shape)}. Split at a "
+                    "layer with a spatial output (`layer=`).")
+            if hooked and not self._fallback_warned:
+                warnings.warn("CounterfactualMonitor: the split module was not called by "
+                              "`validation_step`; recomputing the features with a second forward "
+                              "pass.", RuntimeWarning, stacklevel=3)
+                self._fallback_warned = True
+            with preserved_training_flags(pl_module, eval_mode=False):
+                captured = self._split.features(parsed.images.to(pl_module.device))
+        feats = check_feature_map(captured, "features").detach()
+        return feats
+
+    def _build_stores(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                      parsed: ParsedBatch, feats: torch.Tensor, logits: torch.Tensor) -> "steps.Stores":
+        num_classes = logits.shape[1]
+        if self.num_classes is not None and num_classes != self.num_classes:
+            raise ValueError(f"Expected the head to return `num_classes`={self.num_classes} logits, "
+                             f"but got {num_classes}. Fix `num_classes` or the model split.")
+        source = self.part_source
+        if source == "auto":
+            source = ("keypoints" if parsed.keypoints is not None else
+                      "masks" if parsed.masks is not None else "prototypes")
+        if source in ("keypoints", "masks") and getattr(parsed, source) is None:
+            raise ValueError(f"Expected the validation batch to carry `{source}` (part_source="
+                             f"{source!r}), but it has none. Use part_source='prototypes' or 'auto'.")
+        num_annotated = 0
+        if source in ("keypoints", "masks"):
+            num_annotated = getattr(parsed, source).shape[1]
+            if self.part_names is not None and len(self.part_names) != num_annotated:
+                raise ValueError(f"Expected {num_annotated} `part_names` (the batch's {source} have "
+                                 f"{num_annotated} parts), but got {len(self.part_names)}.")
+        per_rank = math.ceil(self.max_samples / max(1, trainer.world_size))
+        return steps.Stores.build(
+            num_classes=num_classes, feature_shape=tuple(feats.shape[1:]),
+            input_size=tuple(parsed.images.shape[-2:]), device=pl_module.device,
+            dtype=self.bank_dtype, mistakes=per_rank, budget_bytes=int(self.memory_budget_mb * 2 ** 20),
+            max_per_class=self.max_references_per_class, thumbnail_size=self.thumbnail_size,
+            feature_dtype=feats.dtype, part_source=source, num_annotated=num_annotated,
+            seed=self.seed)
+
+    # ------------------------------------------------------------------ explanation
+    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Explain the kept mistakes, gather (DDP), compute statistics, log and report (rank 0)."""
+        self._remove_hook()
+        self._active = False
+        if not self._should_explain(trainer) or self._split is None:
+            return
+        epoch = trainer.current_epoch
+        with torch.inference_mode(False):
+            local = steps.search_local(self, trainer, pl_module)
+            steps.sync_prototypes(self, trainer, local.failures)           # collective 1 (DDP)
+            samples, parts = steps.make_samples(self, trainer, local)
+            payload = steps.payload_of(self, trainer, local, samples, parts)
+            payloads = steps.gather(trainer, payload)                      # collective 2 (DDP)
+            result = steps.build_result(self, trainer, payloads, epoch)
+        self.last_result = result
+        self.history.update(epoch, result.stats)
+        self.summaries.append(steps.summary(result))
+        self.num_explained_epochs += 1
+        self.total_failures += len(result.failures)
+        if trainer.is_global_zero:
+            steps.publish(self, trainer, result)
+
+    # ------------------------------------------------------------------ state
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable state (``ddp_spawn`` sends the callback to its workers): the per-run stores,
+        hooks and writers stay behind, and the part prototypes travel as their state dict
+        (a ``torch.Generator`` does not survive torch's shared-memory pickling)."""
+        # tensors made here would be shared with the workers through file descriptors and freed
+        # before they are read: send them as numpy arrays
+        protos = {k: v.numpy() if isinstance(v, torch.Tensor) else v
+                  for k, v in self._prototypes.state_dict().items()}
+        state = self.__dict__.copy()
+        state.update(_store=None, _hook_handle=None, _captured=None, _reporters={}, _split=None,
+                     _split_owner=None, _locate_tried=False,
+                     _prototypes=protos)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        protos = {k: torch.from_numpy(v) if hasattr(v, "__array__") else v
+                  for k, v in state["_prototypes"].items()}
+        self.__dict__.update(state)
+        self._prototypes = PartPrototypes(num_parts=self.num_parts, seed=self.seed)
+        self._prototypes.load_state_dict(protos)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held by the reference bank, the mistake buffer and their thumbnails/labels."""
+        return 0 if self._store is None else self._store.memory_bytes
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "num_explained_epochs": self.num_explained_epochs,
+            "total_failures": self.total_failures,
+            "history": self.history.state_dict(),
+            "summaries": [dict(s) for s in self.summaries],
+            "prototypes": self._prototypes.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.num_explained_epochs = int(state_dict.get("num_explained_epochs", 0))
+        self.total_failures = int(state_dict.get("total_failures", 0))
+        self.history.load_state_dict(state_dict.get("history", {}))
+        self.summaries = [dict(s) for s in state_dict.get("summaries", [])]
+        if state_dict.get("prototypes") is not None:
+            self._prototypes.load_state_dict(state_dict["prototypes"])

@@ -1,0 +1,72 @@
+"""Bounded stores of the callback: batch parsing, thumbnails, reservoir sampling, reference extras."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fgvce_lightning.collection import (MistakeBuffer, ReferenceExtras, make_thumbnails,
+                                        parse_batch)
+
+
+def test_parse_tuple_dict_and_custom_batches():
+    x, y = torch.rand(2, 3, 8, 8), torch.tensor([1, 0])
+    assert parse_batch((x, y)).labels.tolist() == [1, 0]
+    kp = torch.zeros(2, 5, 3)
+    parsed = parse_batch({"image": x, "label": y, "keypoints": kp})
+    assert parsed.images is x and parsed.keypoints is kp and parsed.masks is None
+    assert parse_batch(object(), batch_parser=lambda b: (x, y)).images is x
+    with pytest.raises(TypeError, match="batch_parser"):
+        parse_batch({"pixels": x, "label": y})
+    with pytest.raises(TypeError, match=r"labels of shape \(2,\)"):
+        parse_batch((x, torch.zeros(3)))
+
+
+def test_thumbnails_are_small_uint8_and_min_max_normalised():
+    img = torch.linspace(-3, 5, 3 * 32 * 32).view(1, 3, 32, 32)
+    th = make_thumbnails(img, 16)
+    assert th.shape == (1, 3, 16, 16) and th.dtype == torch.uint8
+    assert int(th.min()) == 0 and int(th.max()) >= 250
+    assert make_thumbnails(torch.zeros(2, 1, 8, 8), 8).shape == (2, 3, 8, 8)  # grey → RGB, no nan
+
+
+def test_reservoir_keeps_every_mistake_with_equal_probability():
+    counts = torch.zeros(100)
+    buf = MistakeBuffer(10)
+    for trial in range(300):
+        buf.reset(reseed=trial)
+        for b in range(10):                                  # 10 batches of 10 mistakes
+            buf.add(10, v=torch.arange(b * 10, b * 10 + 10)[:, None])
+        kept = buf.get("v").flatten()
+        assert kept.unique().numel() == 10                   # no duplicates, always full
+        counts[kept] += 1
+    per_batch = counts.view(10, 10).sum(1) / 300           # expected 1 per batch
+    assert torch.allclose(per_batch, torch.ones(10), atol=0.2), per_batch  # late batches not favoured
+
+
+def test_reservoir_memory_is_fixed_and_lazy_columns_compute_only_kept_rows():
+    buf = MistakeBuffer(4)
+    seen_rows = []
+
+    def thumbs(rows):
+        seen_rows.append(rows.numel())
+        return torch.zeros(rows.numel(), 3, 2, 2, dtype=torch.uint8)
+
+    buf.add(3, f=torch.randn(3, 5), t=thumbs)
+    size = buf.memory_bytes
+    for _ in range(20):
+        buf.add(8, f=torch.randn(8, 5), t=thumbs)
+    assert buf.memory_bytes == size and buf.size == 4 and buf.seen == 163
+    assert max(seen_rows) <= 4                               # never more thumbnails than slots
+
+
+def test_reference_extras_mirror_a_ring_buffer_and_find_ids():
+    ex = ReferenceExtras(num_classes=2, capacity_per_class=2)
+    ids = torch.tensor([[0, 0, i] for i in range(5)])
+    ex.add(torch.tensor([0, 0, 0, 1, 0]), ids, thumb=torch.arange(5)[:, None])
+    # class 0 received ids 0, 1, 2, 4: only the last two (2, 4) survive
+    assert ex.lookup_id("thumb", (0, 0, 4)).item() == 4
+    assert ex.lookup_id("thumb", (0, 0, 2)).item() == 2
+    assert ex.lookup_id("thumb", (0, 0, 0)) is None
+    assert ex.lookup_id("thumb", (0, 0, 3)).item() == 3
+    assert ex.lookup("thumb", torch.tensor([1, 0]), ids[[3, 1]]) == [torch.tensor([3]), None]
