@@ -241,10 +241,46 @@ def trajectory_figure(explanation: Explanation, *, dpi: int = 80) -> Optional[Fi
     return figure
 
 
-def trajectory_image(explanation: Explanation) -> Optional[torch.Tensor]:
-    """:func:`trajectory_figure` rendered to a ``(3, h, w)`` uint8 tensor (or ``None``)."""
-    figure = trajectory_figure(explanation)
-    return None if figure is None else figure_to_image(figure)
+def trajectory_image(explanation: Explanation, *, size: int = 160) -> Optional[torch.Tensor]:
+    """``p(true)`` and ``p(pred)`` over the edits as a ``(3, size, size)`` uint8 chart (or ``None``).
+
+    Drawn directly with PIL (a few milliseconds) rather than through matplotlib (about 100 ms a
+    figure), because every explained sample of every epoch gets one; :func:`trajectory_figure`
+    gives the matplotlib version for notebooks.
+    """
+    p_true, p_pred = explanation.trajectory_true, explanation.trajectory_pred
+    if explanation.skipped or not any(math.isfinite(v) for v in p_true + p_pred):
+        return None
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 22, size - 8, 18, size - 34
+    draw.rectangle((left, top, right, bottom), outline=(150, 150, 150))
+    for p in (0.25, 0.5, 0.75):
+        y = bottom - p * (bottom - top)
+        draw.line((left, y, right, y), fill=(225, 225, 225))
+    draw.text((2, top - 4), "1", fill=(90, 90, 90))
+    draw.text((2, bottom - 6), "0", fill=(90, 90, 90))
+    steps = max(len(p_true) - 1, 1)
+
+    def xy(i: int, p: float) -> tuple[float, float]:
+        return (left + i * (right - left) / steps,
+                bottom - min(max(p, 0.0), 1.0) * (bottom - top))
+
+    for values, colour in ((p_pred, (214, 39, 40)), (p_true, (44, 160, 44))):
+        points = [xy(i, v) for i, v in enumerate(values) if math.isfinite(v)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse((x - 2.5, y - 2.5, x + 2.5, y + 2.5), fill=colour)
+    verdict = "flipped" if explanation.success else f"not flipped (-> {explanation.final_pred})"
+    draw.text((left, 3), f"{explanation.num_edits} edits: {verdict}", fill=(0, 0, 0))
+    draw.text((left, bottom + 4), "edits applied", fill=(90, 90, 90))
+    draw.text((4, size - 15), f"p(true={explanation.true})", fill=(44, 160, 44))
+    draw.text((size // 2 + 4, size - 15), f"p(pred={explanation.pred})", fill=(214, 39, 40))
+    array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return array.view(size, size, 3).permute(2, 0, 1).contiguous()
 
 
 def _fit(panel: torch.Tensor, size: int) -> torch.Tensor:
