@@ -243,6 +243,11 @@ class CounterfactualMonitor(Callback):
                 f"CounterfactualMonitor could not split {type(pl_module).__name__} into features and "
                 f"head: {err} Pass `layer='<module name>'` (a layer whose output is a (N, C, H, W) "
                 "feature map) or `features=`/`head=` callables to CounterfactualMonitor.") from err
+        prefix = int(getattr(self._split, "prefix_channels", 0) or 0)
+        if prefix and self.search_config.protected_channels != prefix:
+            # a vision transformer's class/register tokens ride along as trailing channels: the
+            # search must keep each query's own tokens (never match or swap them)
+            self.search_config = dataclasses.replace(self.search_config, protected_channels=prefix)
         self._locate_tried = self._locate_tried if split is not None else (
             self._split.tap_module is not None)
         self._split_owner = pl_module
