@@ -1,5 +1,8 @@
 """The ``fgvce`` command line.
 
+``fgvce evaluate --checkpoint PATH`` runs the engine over a demo checkpoint's validation mistakes and
+prints the metrics of the main search and of the baselines side by side.
+
 ``fgvce demo`` trains the demo :class:`~fgvce_lightning.models.SmallCNN` on
 :class:`~fgvce_lightning.datasets.SyntheticBirds` for a few epochs on the CPU with a
 :class:`~fgvce_lightning.callback.CounterfactualMonitor` attached, then prints where the TensorBoard
@@ -52,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-train", type=_positive, default=2000, help=argparse.SUPPRESS)
     demo.add_argument("--num-val", type=_positive, default=500, help=argparse.SUPPRESS)
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    from .evaluate import add_evaluate_parser
+
+    add_evaluate_parser(sub)
     return parser
 
 
@@ -120,6 +126,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "evaluate":
+        from .evaluate import run_evaluate
+
+        return run_evaluate(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

@@ -49,3 +49,12 @@ def test_python_dash_m_entry_point_shows_help():
     assert done.returncode == 0
     for option in ("--epochs", "--output-dir", "--seed", "--max-samples", "--accelerator"):
         assert option in done.stdout
+
+
+def test_evaluate_subcommand_is_wired_and_reports_a_missing_checkpoint(tmp_path, capsys):
+    from fgvce_lightning.cli import main
+
+    missing = tmp_path / "nope.ckpt"
+    assert main(["evaluate", "--checkpoint", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err

@@ -1,0 +1,590 @@
+"""Offline evaluation of counterfactual strategies on a trained classifier's validation mistakes.
+
+:func:`evaluate_model` runs the model's feature extractor over a validation loader once, fills a
+:class:`~fgvce_lightning.engine.bank.ReferenceBank` with the correctly classified maps, picks up
+to ``max_queries`` mistakes (a seeded, deterministic subset) and explains the *same* queries with
+every strategy:
+
+* ``"fgvce"``: :func:`~fgvce_lightning.engine.search.counterfactual_search` (local Shapley
+  contributions, saliency partition);
+* ``"greedy"``: :func:`~fgvce_lightning.engine.greedy.greedy_search` (Goyal et al. 2019);
+* ``"gradcam"`` / ``"random"``: the FG-VCE search with Grad-CAM / random region order.
+
+Per strategy it reports the flip rate, edits and cells to flip, head evaluations and seconds per
+explanation, the Near-part / Same-part hit rates (cell part labels from the batch's ``masks`` or
+``keypoints``), the *distinguishing-part hit rate* when the data set can name the parts that tell
+two classes apart (``dataset.distinguishing_parts(true, pred)``, e.g. SyntheticBirds) and the
+deletion / insertion AUC of the strategy's cell ranking. :func:`format_table` prints them side by
+side. :func:`prototype_purity` scores discovered part prototypes against ground-truth parts.
+
+The CLI glue (``fgvce evaluate --checkpoint PATH``) is :func:`add_evaluate_parser` +
+:func:`run_evaluate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .engine import (Explanation, ModelSplit, ReferenceBank, SearchConfig, counterfactual_search,
+                     greedy_search, split_model)
+from .engine._util import evaluate_head, preserved_training_flags
+from .engine.candidates import match_cells, reference_cell_scores, select_candidates
+from .metrics import (deletion_insertion_auc, edits_to_flip, flip_rate, near_part_hit_rate,
+                      same_part_hit_rate)
+from .parts.annotations import keypoints_to_cell_parts, masks_to_cell_parts
+
+__all__ = ["StrategyResult", "EvaluationResult", "PurityResult", "STRATEGIES", "evaluate_model",
+           "format_table", "prototype_purity", "cell_majority_parts", "add_evaluate_parser",
+           "run_evaluate"]
+
+STRATEGIES = ("fgvce", "greedy", "gradcam", "random")
+_REGION_ORDER = {"fgvce": "contribution", "gradcam": "gradcam", "random": "random"}
+
+
+@dataclass(frozen=True)
+class StrategyResult:
+    """The metrics of one strategy on the evaluation queries (``nan`` where not applicable).
+
+    Attributes:
+        name: strategy name (one of :data:`STRATEGIES`).
+        num_explained: queries the strategy explained (not skipped).
+        flip_rate: share of explained queries whose edits flip the prediction to the true class.
+        edits_to_flip: mean number of edits of the flipped queries.
+        cells_to_flip: mean number of edited cells of the flipped queries.
+        head_evaluations: mean head evaluations per explained query.
+        seconds: wall-clock seconds of the whole strategy run (all queries).
+        near_part: Near-part hit rate (all replacements; query and reference labels).
+        same_part: Same-part hit rate.
+        distinguishing_hit: share of explained queries whose first edit touches a cell labelled
+            with a part that distinguishes ``true`` from ``pred``.
+        distinguishing_chance: the same for a random set of cells of the first edit's size
+            (hypergeometric, averaged over the explained queries).
+        deletion_auc: mean deletion AUC of the strategy's cell ranking (lower is better).
+        insertion_auc: mean insertion AUC (higher is better).
+        explanations: the explanations, in query order.
+    """
+
+    name: str
+    num_explained: int
+    flip_rate: float
+    edits_to_flip: float
+    cells_to_flip: float
+    head_evaluations: float
+    seconds: float
+    near_part: float
+    same_part: float
+    distinguishing_hit: float
+    distinguishing_chance: float
+    deletion_auc: float
+    insertion_auc: float
+    explanations: tuple[Explanation, ...] = field(default=(), repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What :func:`evaluate_model` measured.
+
+    Attributes:
+        strategies: one :class:`StrategyResult` per strategy, in the order asked for.
+        num_val: validation samples seen.
+        num_mistakes: misclassified validation samples.
+        num_queries: mistakes explained by every strategy (the same ones).
+        accuracy: validation accuracy of the model.
+        bank_size: reference maps in the bank.
+        grid: ``(H, W)`` of the feature maps.
+        part_names: names of the annotated parts (empty without annotations).
+        label_source: ``"masks"``, ``"keypoints"`` or ``None`` (no part annotations).
+        distinguishing_cell_share: share of the queries' cells labelled with a distinguishing part
+            (the per-cell chance of hitting one); ``nan`` when the data set cannot name them.
+        query_indices: positions (in loader order) of the queries.
+        bank: the reference bank the strategies used.
+        seed: the seed.
+    """
+
+    strategies: tuple[StrategyResult, ...]
+    num_val: int
+    num_mistakes: int
+    num_queries: int
+    accuracy: float
+    bank_size: int
+    grid: tuple[int, int]
+    part_names: tuple[str, ...]
+    label_source: Optional[str]
+    distinguishing_cell_share: float
+    query_indices: tuple[int, ...]
+    bank: Optional[ReferenceBank] = field(default=None, repr=False, compare=False)
+    seed: int = 0
+
+    def strategy(self, name: str) -> StrategyResult:
+        """The result of strategy ``name``."""
+        for s in self.strategies:
+            if s.name == name:
+                return s
+        raise KeyError(f"Expected one of {[s.name for s in self.strategies]}, but got {name!r}.")
+
+
+@dataclass
+class _Collected:
+    """The validation pass: query candidates (mistakes), their labels and the references' labels."""
+
+    feats: list = field(default_factory=list)        # mistakes' feature maps
+    true: list = field(default_factory=list)
+    pred: list = field(default_factory=list)
+    position: list = field(default_factory=list)     # loader-order index of each mistake
+    parts: list = field(default_factory=list)        # mistakes' (P, H, W) cell labels
+    ref_parts: dict = field(default_factory=dict)    # bank id -> (P, H, W) cell labels
+    num_val: int = 0
+    num_correct: int = 0
+    label_source: Optional[str] = None
+
+
+def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[str]]:
+    """Images, labels and (when annotated) raw part annotations of a batch."""
+    if isinstance(batch, dict):
+        if "image" not in batch or "label" not in batch:
+            raise ValueError(f"Expected a batch dict with 'image' and 'label', but got keys "
+                             f"{sorted(batch)}.")
+        if "masks" in batch:
+            return batch["image"], batch["label"], batch["masks"], "masks"
+        if "keypoints" in batch:
+            return batch["image"], batch["label"], batch["keypoints"], "keypoints"
+        return batch["image"], batch["label"], None, None
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1], None, None
+    raise TypeError(f"Expected batches as dicts with 'image' and 'label' or (images, labels) pairs, "
+                    f"but got {type(batch).__name__}.")
+
+
+def _cell_parts(annotation: torch.Tensor, source: str, image_hw: tuple[int, int],
+                grid: tuple[int, int], min_coverage: float) -> torch.Tensor:
+    if source == "masks":
+        return masks_to_cell_parts(annotation, grid, min_coverage=min_coverage)
+    return keypoints_to_cell_parts(annotation, image_hw, grid)
+
+
+def _collect(split: ModelSplit, loader: Iterable, bank_per_class: int, device: torch.device,
+             min_coverage: float) -> tuple[_Collected, Optional[ReferenceBank]]:
+    out, bank = _Collected(), None
+    for batch_idx, batch in enumerate(loader):
+        images, labels, annotation, source = _unpack(batch)
+        images, labels = images.to(device), labels.to(device).long()
+        feats = split.features(images)
+        logits = evaluate_head(split.head, feats)
+        pred = logits.argmax(1)
+        grid = tuple(feats.shape[2:])
+        if bank is None:
+            bank = ReferenceBank(logits.shape[1], bank_per_class, tuple(feats.shape[1:]),
+                                 device=device, id_width=3)
+        correct = pred == labels
+        b = labels.numel()
+        ids = torch.stack([torch.zeros(b, dtype=torch.long), torch.full((b,), batch_idx),
+                           torch.arange(b)], 1)
+        bank.add(feats[correct], labels[correct], ids[correct.cpu()].to(device))
+        labels_cells = None
+        if annotation is not None:
+            labels_cells = _cell_parts(annotation.to(device), source, tuple(images.shape[2:]),
+                                       grid, min_coverage).cpu()
+            out.label_source = source
+            for pos in correct.nonzero().flatten().tolist():
+                out.ref_parts[(0, batch_idx, pos)] = labels_cells[pos]
+        wrong = (~correct).nonzero().flatten()
+        out.feats.append(feats[wrong].float())
+        out.true.append(labels[wrong].cpu())
+        out.pred.append(pred[wrong].cpu())
+        out.position.append(wrong.cpu() + out.num_val)
+        if labels_cells is not None:
+            out.parts.append(labels_cells[wrong.cpu()])
+        out.num_val += b
+        out.num_correct += int(correct.sum())
+    if bank is None:
+        raise ValueError("Expected a validation loader with at least one batch, but it was empty.")
+    return out, bank
+
+
+def _absent(head: Any, bank: ReferenceBank, queries: torch.Tensor, true: torch.Tensor,
+            pred: torch.Tensor, config: SearchConfig) -> torch.Tensor:
+    """What each query cell becomes when "absent": its most cosine-similar *candidate* cell (the
+    ``candidate_fraction`` of reference cells with most evidence for ``true`` over ``pred``) among
+    the bank's maps of its true class, exactly as the FG-VCE search defines it. The same maps serve
+    every ranking, so their AUCs compare the rankings only."""
+    n, c, h, w = queries.shape
+    refs, _, valid = bank.gather(true.to(bank.device))
+    refs, valid = refs.to(queries.device, torch.float32), valid.to(queries.device)
+    if refs.shape[1] == 0:
+        return queries.clone()
+    scores = reference_cell_scores(head, refs, valid, true, pred, chunk_size=config.chunk_size)
+    cand = select_candidates(scores, valid, config.candidate_fraction, (h, w))
+    best_sim, best_cell = match_cells(queries, refs, cand, config.max_offset)    # (N, HW, K)
+    top_ref = best_sim.argmax(2)
+    top_cell = best_cell.gather(2, top_ref[:, :, None]).squeeze(2)
+    rows = torch.arange(n, device=queries.device)[:, None]
+    absent = refs.flatten(3)[rows, top_ref, :, top_cell].transpose(1, 2).reshape(n, c, h, w)
+    none = ~valid.any(1)               # no reference of the class: nothing changes
+    return torch.where(none[:, None, None, None], queries, absent)
+
+
+def _distinguishing(dataset: Any, true: torch.Tensor, pred: torch.Tensor,
+                    part_names: Sequence[str]) -> Optional[torch.Tensor]:
+    """``(N, P)`` bool: the parts that tell each query's true class from its predicted one."""
+    fn = getattr(dataset, "distinguishing_parts", None)
+    if not callable(fn) or not part_names:
+        return None
+    index = {name: k for k, name in enumerate(part_names)}
+    out = torch.zeros(true.numel(), len(part_names), dtype=torch.bool)
+    for i, (t, p) in enumerate(zip(true.tolist(), pred.tolist())):
+        for name in fn(t, p):
+            if name in index:
+                out[i, index[name]] = True
+    return out
+
+
+def _distinguishing_scores(exps: Sequence[Explanation], dist_cells: torch.Tensor
+                           ) -> tuple[float, float]:
+    """Hit rate of the first edits on distinguishing cells ``(N, H, W)`` and its size-matched chance."""
+    hits, chance = [], []
+    hw = dist_cells[0].numel() if len(dist_cells) else 0
+    for e in exps:
+        if e.skipped:
+            continue
+        cells = e.edits[0].query_cells if e.edits else ()
+        d = dist_cells[e.query_index]
+        hits.append(float(any(bool(d[i, j]) for i, j in cells)))
+        s, dn = len(cells), int(d.sum())
+        chance.append(1.0 - math.comb(hw - dn, s) / math.comb(hw, s) if s else 0.0)
+    if not hits:
+        return math.nan, math.nan
+    return sum(hits) / len(hits), sum(chance) / len(chance)
+
+
+def _run(name: str, split: ModelSplit, queries: torch.Tensor, true: torch.Tensor,
+         pred: torch.Tensor, bank: ReferenceBank, config: SearchConfig,
+         modules: Sequence[nn.Module], greedy_max_cells: Optional[int]) -> list[Explanation]:
+    if name == "greedy":
+        return greedy_search(split.head, queries, true, pred, bank, config,
+                             max_cells=greedy_max_cells, modules=modules)
+    cfg = SearchConfig(**{**config.__dict__, "region_order": _REGION_ORDER[name]})
+    return counterfactual_search(split.head, queries, true, pred, bank, cfg, modules=modules)
+
+
+def evaluate_model(model: nn.Module, val_loader: Iterable, *, split: Optional[ModelSplit] = None,
+                   layer: Optional[str] = None, at: str = "penultimate", max_queries: int = 64,
+                   bank_per_class: int = 16, part_names: Optional[Sequence[str]] = None,
+                   seed: int = 0, device: str | torch.device = "cpu",
+                   strategies: Sequence[str] = STRATEGIES, config: Optional[SearchConfig] = None,
+                   greedy_max_cells: Optional[int] = None, near_radius: int = 0,
+                   min_coverage: float = 0.2, auc_steps: Optional[int] = 16) -> EvaluationResult:
+    """Explain the same validation mistakes with every strategy and measure them.
+
+    Args:
+        model: the trained classifier (left on its device, its ``training`` flags restored).
+        val_loader: validation batches: dicts with ``image``, ``label`` and optionally ``masks``
+            ``(B, P, S, S)`` or ``keypoints`` ``(B, P, 3)``, or ``(images, labels)`` pairs.
+        split: an explicit :class:`ModelSplit`; default ``split_model(model, layer=, at=)``.
+        layer: see :func:`split_model`.
+        at: see :func:`split_model`.
+        max_queries: most mistakes explained (a seeded random subset, in loader order).
+        bank_per_class: reference maps kept per class (the last correct ones in loader order).
+        part_names: names of the annotated parts; default ``dataset.part_names`` or ``part k``.
+        seed: seeds the query subset and the searches.
+        device: where features, bank and searches live.
+        strategies: subset of :data:`STRATEGIES`.
+        config: search configuration (default ``SearchConfig(seed=seed)``); ``region_order`` is set
+            per strategy.
+        greedy_max_cells: ``max_cells`` of the greedy search (default: its own, ``H·W // 2``).
+        near_radius: neighbourhood radius of the Near-part hit rate.
+        min_coverage: mask coverage for a cell to carry a part.
+        auc_steps: steps of the deletion / insertion curves (``None``: one cell per step).
+
+    Returns:
+        The :class:`EvaluationResult`.
+    """
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown or not strategies:
+        raise ValueError(f"Expected `strategies` to be a non-empty subset of {STRATEGIES}, but got "
+                         f"{tuple(strategies)!r}.")
+    for name, value in (("max_queries", max_queries), ("bank_per_class", bank_per_class)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Expected `{name}` to be a positive integer, but got {value!r}.")
+    device = torch.device(device)
+    split = split if split is not None else split_model(model, layer=layer, at=at)
+    config = config if config is not None else SearchConfig(seed=seed)
+    modules = [model] if isinstance(model, nn.Module) else []
+    with preserved_training_flags(*modules), torch.no_grad():
+        col, bank = _collect(split, val_loader, bank_per_class, device, min_coverage)
+    feats = torch.cat(col.feats)
+    true_all, pred_all, pos_all = torch.cat(col.true), torch.cat(col.pred), torch.cat(col.position)
+    g = torch.Generator().manual_seed(int(seed))
+    pick = torch.randperm(feats.shape[0], generator=g)[:max_queries].sort().values
+    queries, true, pred = feats[pick], true_all[pick], pred_all[pick]
+    grid = tuple(feats.shape[2:]) if feats.numel() else tuple(bank.feature_shape[1:])
+
+    labels = torch.cat(col.parts)[pick] if col.parts else None
+    dataset = getattr(val_loader, "dataset", None)
+    names: tuple[str, ...] = ()
+    if labels is not None:
+        p = labels.shape[1]
+        names = tuple(part_names or getattr(dataset, "part_names", None)
+                      or [f"part {k}" for k in range(p)])
+        if len(names) != p:
+            raise ValueError(f"Expected {p} part names (one per annotated part), but got "
+                             f"{len(names)}: {names}.")
+    dist = _distinguishing(dataset, true, pred, names) if labels is not None else None
+    dist_cells = None
+    share = math.nan
+    if dist is not None and len(true):
+        dist_cells = (labels & dist[:, :, None, None]).any(1)                      # (N, H, W)
+        share = float(dist_cells.float().mean())
+
+    absent = None
+    if len(true) and any(s != "greedy" for s in strategies):
+        with preserved_training_flags(*modules):
+            absent = _absent(split.head, bank, queries, true.to(device), pred.to(device), config)
+    results = []
+    for name in strategies:
+        start = time.perf_counter()
+        exps = _run(name, split, queries, true.to(device), pred.to(device), bank, config, modules,
+                    greedy_max_cells) if len(true) else []
+        seconds = time.perf_counter() - start
+        done = [e for e in exps if not e.skipped]
+        near = same = hit = chance = dele = ins = math.nan
+        if labels is not None and done:
+            near = near_part_hit_rate(exps, labels, col.ref_parts, radius=near_radius)
+            same = same_part_hit_rate(exps, labels, col.ref_parts)
+        if dist_cells is not None:
+            hit, chance = _distinguishing_scores(exps, dist_cells)
+        ranked = [e for e in done if e.contributions is not None]
+        if ranked:
+            idx = torch.tensor([e.query_index for e in ranked])
+            with preserved_training_flags(*modules):
+                d, i = deletion_insertion_auc(
+                    split.head, queries[idx], absent[idx],
+                    torch.stack([e.contributions for e in ranked]).to(device),
+                    true[idx].to(device), pred[idx].to(device), steps=auc_steps)
+            dele, ins = float(d.mean()), float(i.mean())
+        results.append(StrategyResult(
+            name=name, num_explained=len(done), flip_rate=flip_rate(exps),
+            edits_to_flip=edits_to_flip(exps), cells_to_flip=edits_to_flip(exps, unit="cells"),
+            head_evaluations=(sum(e.head_evaluations for e in done) / len(done)) if done
+            else math.nan, seconds=seconds, near_part=near, same_part=same,
+            distinguishing_hit=hit, distinguishing_chance=chance, deletion_auc=dele,
+            insertion_auc=ins, explanations=tuple(exps)))
+    return EvaluationResult(
+        strategies=tuple(results), num_val=col.num_val, num_mistakes=int(feats.shape[0]),
+        num_queries=int(len(true)), accuracy=col.num_correct / max(col.num_val, 1),
+        bank_size=len(bank), grid=grid, part_names=names, label_source=col.label_source,
+        distinguishing_cell_share=share, query_indices=tuple(pos_all[pick].tolist()), bank=bank,
+        seed=int(seed))
+
+
+_ROWS = (
+    ("explained", "num_explained", "{:d}"),
+    ("flip rate", "flip_rate", "{:.3f}"),
+    ("edits to flip", "edits_to_flip", "{:.2f}"),
+    ("cells to flip", "cells_to_flip", "{:.2f}"),
+    ("head evals / explanation", "head_evaluations", "{:.0f}"),
+    ("seconds (all queries)", "seconds", "{:.1f}"),
+    ("Near-part hit rate", "near_part", "{:.3f}"),
+    ("Same-part hit rate", "same_part", "{:.3f}"),
+    ("distinguishing-part hit", "distinguishing_hit", "{:.3f}"),
+    ("  chance, same edit size", "distinguishing_chance", "{:.3f}"),
+    ("deletion AUC (lower=better)", "deletion_auc", "{:.3f}"),
+    ("insertion AUC (higher=better)", "insertion_auc", "{:.3f}"),
+)
+
+
+def format_table(result: EvaluationResult) -> str:
+    """The strategies' metrics side by side (``-`` where not applicable), with a header."""
+    names = [s.name for s in result.strategies]
+    label_w = max(len(r[0]) for r in _ROWS) + 2
+    col_w = max(9, *(len(n) + 2 for n in names))
+    lines = [
+        f"validation: {result.num_val} samples, accuracy {result.accuracy:.3f}, "
+        f"{result.num_mistakes} mistakes; {result.num_queries} explained by every strategy "
+        f"(seed {result.seed})",
+        f"reference bank: {result.bank_size} maps; feature grid {result.grid[0]}x{result.grid[1]}; "
+        f"part labels: {result.label_source or 'none'}",
+    ]
+    if not math.isnan(result.distinguishing_cell_share):
+        lines.append(f"cells carrying a distinguishing part (per-cell chance): "
+                     f"{result.distinguishing_cell_share:.3f}")
+    lines.append("")
+    lines.append("metric".ljust(label_w) + "".join(n.rjust(col_w) for n in names))
+    lines.append("-" * (label_w + col_w * len(names)))
+    for label, attr, fmt in _ROWS:
+        cells = []
+        for s in result.strategies:
+            value = getattr(s, attr)
+            text = "-" if isinstance(value, float) and math.isnan(value) else fmt.format(value)
+            cells.append(text.rjust(col_w))
+        lines.append(label.ljust(label_w) + "".join(cells))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- discovered-part purity
+@dataclass(frozen=True)
+class PurityResult:
+    """How well clusters (discovered part prototypes) match ground-truth parts.
+
+    Attributes:
+        purity: ``Σ_clusters max_part count(cluster, part) / N`` over all ``N`` cells.
+        majority_baseline: share of the most frequent ground-truth label (the purity of a single
+            cluster holding every cell).
+        part_names: ground-truth label names (the last one is ``"background"`` when present).
+        precision: per label, ``count(c*, p) / |c*|`` for its best cluster ``c*`` (highest F1).
+        recall: per label, ``count(c*, p) / |p|``.
+        best_cluster: per label, ``c*`` (``-1`` when the label has no cell).
+        counts: ``(num_clusters, num_labels)`` contingency table.
+    """
+
+    purity: float
+    majority_baseline: float
+    part_names: tuple[str, ...]
+    precision: tuple[float, ...]
+    recall: tuple[float, ...]
+    best_cluster: tuple[int, ...]
+    counts: torch.Tensor = field(repr=False, compare=False)
+
+
+def cell_majority_parts(masks: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """Ground-truth part of every feature-grid cell: the label covering most of the cell.
+
+    Args:
+        masks: ``(N, P, S, S)`` bool (disjoint) part masks.
+        grid: ``(H, W)``.
+
+    Returns:
+        ``(N, H, W)`` int64 in ``[0, P]``: the part (or background, id ``P``: the pixels no part
+        covers) with the largest coverage of the cell.
+    """
+    if not isinstance(masks, torch.Tensor) or masks.dim() != 4:
+        raise ValueError(f"Expected `masks` of shape (N, P, S, S), but got "
+                         f"{tuple(getattr(masks, 'shape', ())) or type(masks).__name__}.")
+    n, p = masks.shape[:2]
+    cover = F.adaptive_avg_pool2d(masks.float().flatten(0, 1)[:, None], tuple(grid))
+    cover = cover.view(n, p, *grid)
+    background = (1.0 - cover.sum(1, keepdim=True)).clamp_min(0.0)
+    return torch.cat([cover, background], 1).argmax(1)
+
+
+def prototype_purity(cluster_ids: torch.Tensor, part_ids: torch.Tensor, num_clusters: int,
+                     part_names: Sequence[str]) -> PurityResult:
+    """Purity and per-part best-cluster precision / recall of a clustering of cells.
+
+    Args:
+        cluster_ids: ``(...)`` int64 cluster of every cell (e.g. :meth:`PartPrototypes.assign`).
+        part_ids: ``(...)`` int64 ground-truth label of every cell, in ``[0, len(part_names))``
+            (e.g. :func:`cell_majority_parts`, with ``"background"`` as the last name).
+        num_clusters: number of clusters.
+        part_names: label names.
+
+    Returns:
+        The :class:`PurityResult`.
+    """
+    if not isinstance(cluster_ids, torch.Tensor) or not isinstance(part_ids, torch.Tensor) \
+            or cluster_ids.shape != part_ids.shape:
+        raise ValueError(f"Expected `cluster_ids` and `part_ids` tensors of the same shape, but got "
+                         f"{tuple(getattr(cluster_ids, 'shape', ()))} and "
+                         f"{tuple(getattr(part_ids, 'shape', ()))}.")
+    k, p = int(num_clusters), len(part_names)
+    c, t = cluster_ids.flatten().long().cpu(), part_ids.flatten().long().cpu()
+    if c.numel() == 0:
+        raise ValueError("Expected at least one cell to score, but got none.")
+    if int(c.min()) < 0 or int(c.max()) >= k or int(t.min()) < 0 or int(t.max()) >= p:
+        raise ValueError(f"Expected cluster ids in [0, {k}) and part ids in [0, {p}), but got "
+                         f"[{int(c.min())}, {int(c.max())}] and [{int(t.min())}, {int(t.max())}].")
+    counts = torch.bincount(c * p + t, minlength=k * p).view(k, p).double()
+    n = float(c.numel())
+    size_c, size_p = counts.sum(1, keepdim=True), counts.sum(0, keepdim=True)
+    precision = counts / size_c.clamp_min(1)
+    recall = counts / size_p.clamp_min(1)
+    f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
+    best = f1.argmax(0)
+    cols = torch.arange(p)
+    has = size_p[0] > 0
+    return PurityResult(
+        purity=float(counts.max(1).values.sum() / n),
+        majority_baseline=float(size_p.max() / n), part_names=tuple(part_names),
+        precision=tuple(float(x) for x in precision[best, cols]),
+        recall=tuple(float(x) for x in recall[best, cols]),
+        best_cluster=tuple(int(b) if h else -1 for b, h in zip(best.tolist(), has.tolist())),
+        counts=counts.long())
+
+
+# ---------------------------------------------------------------------- CLI glue
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, but got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, but got {value!r}")
+    return number
+
+
+def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``evaluate`` subcommand to an ``argparse`` subparsers object and return it.
+
+    ``fgvce evaluate --checkpoint PATH [--data synthetic] [--num-val N] [--max-queries N]
+    [--seed S]``; its handler is :func:`run_evaluate` (also set as ``handler`` default).
+    """
+    parser = subparsers.add_parser(
+        "evaluate", help="compare FG-VCE with greedy / Grad-CAM / random swaps on a checkpoint",
+        description="Load a DemoClassifier checkpoint, explain its validation mistakes on "
+                    "SyntheticBirds with every strategy and print the metrics side by side.")
+    parser.add_argument("--checkpoint", required=True, help="path of a DemoClassifier .ckpt")
+    parser.add_argument("--data", choices=("synthetic",), default="synthetic",
+                        help="validation data (default: synthetic, the demo's SyntheticBirds)")
+    parser.add_argument("--num-val", type=_positive, default=500,
+                        help="validation images (default: 500, as the demo)")
+    parser.add_argument("--max-queries", type=_positive, default=64,
+                        help="mistakes explained by every strategy (default: 64)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="data and search seed (default: 0, the demo's)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                        help=f"comma-separated subset of {','.join(STRATEGIES)}")
+    parser.set_defaults(handler=run_evaluate)
+    return parser
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Run ``fgvce evaluate``: print the table and return the exit code (0 ok, 2 bad input)."""
+    import sys
+    from pathlib import Path
+
+    from torch.utils.data import DataLoader
+
+    from .datasets.synthetic import SyntheticBirds
+    from .demo import DemoClassifier
+
+    path = Path(args.checkpoint)
+    if not path.is_file():
+        print(f"fgvce evaluate: expected --checkpoint to be a DemoClassifier checkpoint file, but "
+              f"{str(path)!r} does not exist.", file=sys.stderr)
+        return 2
+    strategies = tuple(s.strip() for s in str(getattr(args, "strategies", ",".join(STRATEGIES)))
+                       .split(",") if s.strip())
+    if not strategies or any(s not in STRATEGIES for s in strategies):
+        print(f"fgvce evaluate: expected --strategies from {STRATEGIES}, but got {strategies}.",
+              file=sys.stderr)
+        return 2
+    device = getattr(args, "device", "cpu")
+    module = DemoClassifier.load_from_checkpoint(str(path), map_location=device)
+    module.eval()
+    num_classes = int(module.hparams.num_classes)
+    # the demo's validation set: make_dataloaders(num_val, seed=seed, batch_size=16, num_classes)
+    val = SyntheticBirds(args.num_val, num_classes=num_classes, seed=args.seed, split="val")
+    loader = DataLoader(val, batch_size=16, shuffle=False)
+    result = evaluate_model(module, loader, max_queries=args.max_queries, seed=args.seed,
+                            device=device, strategies=strategies)
+    print(f"fgvce evaluate: {path} on SyntheticBirds val ({args.num_val} images, seed {args.seed})")
+    print(format_table(result))
+    return 0
