@@ -142,10 +142,12 @@ def test_html_is_self_contained_and_escaped(written):
     assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>")
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:|//|file:)""", html, re.I)
     assert "<script" not in html and "<link" not in html
-    uris = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
-    assert len(uris) == 4               # part bars, pair heat map, sample 0, sample 1 (trajectory)
-    image = Image.open(io.BytesIO(base64.b64decode(uris[2])))
-    assert image.mode == "RGB" and image.width > image.height > 100
+    figures = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    photos = re.findall(r'src="data:image/jpeg;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(figures) == 2            # part bars, pair heat map (lossless PNG)
+    assert len(photos) == 2             # sample 0, sample 1 panels (JPEG)
+    image = Image.open(io.BytesIO(base64.b64decode(photos[0])))
+    assert image.format == "JPEG" and image.mode == "RGB" and image.width > image.height > 100
     assert "<b>gull" not in html and "&lt;b&gt;gull &amp; tern&lt;/b&gt;" in html
     assert 'id="sample-1"' in html and 'href="#sample-1"' in html
     assert "empty bank for class 0" in html and "non-finite features" in html
