@@ -142,7 +142,8 @@ def select_candidates(scores: Optional[torch.Tensor], valid: torch.Tensor, fract
 
 
 def match_cells(query: torch.Tensor, references: torch.Tensor, candidates: torch.Tensor,
-                max_offset: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                max_offset: Optional[int] = None, *, normalized: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best cosine match of every query cell among each reference's candidate cells.
 
     Args:
@@ -152,6 +153,8 @@ def match_cells(query: torch.Tensor, references: torch.Tensor, candidates: torch
         max_offset: when given, a query cell only matches reference cells at most this many rows
             and columns away (a spatial prior for roughly aligned objects); a cell with no
             candidate in reach may take any reference cell in reach.
+        normalized: the cell vectors of ``query`` and ``references`` already have unit norm
+            along the channels (skips normalising them again).
 
     Returns:
         ``best_sim`` ``(N, H*W, K)`` float32 (``-inf`` for a reference without candidates) and
@@ -159,8 +162,10 @@ def match_cells(query: torch.Tensor, references: torch.Tensor, candidates: torch
     """
     n, k, c, h, w = references.shape
     hw = h * w
-    qn = F.normalize(query.float().reshape(n, c, hw), dim=1)                  # (N, C, HW)
-    rn = F.normalize(references.float().reshape(n, k, c, hw), dim=2)          # (N, K, C, HW)
+    qn = query.float().reshape(n, c, hw)                                       # (N, C, HW)
+    rn = references.float().reshape(n, k, c, hw)                               # (N, K, C, HW)
+    if not normalized:
+        qn, rn = F.normalize(qn, dim=1), F.normalize(rn, dim=2)
     rn = rn.permute(0, 2, 1, 3).reshape(n, c, k * hw)
     sim = torch.bmm(qn.transpose(1, 2), rn).view(n, hw, k, hw)               # (N, HW, K, HW)
     allowed = candidates[:, None]                                             # (N, 1, K, HW)
@@ -257,7 +262,8 @@ def gradcam_scores(head: Head, query: torch.Tensor, true: torch.Tensor, pred: to
 
 
 def rigid_region_scores(query: torch.Tensor, references: torch.Tensor, valid: torch.Tensor,
-                        regions: torch.Tensor, num_regions: int, max_shift: Optional[int]
+                        regions: torch.Tensor, num_regions: int, max_shift: Optional[int], *,
+                        normalized: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score every region against every reference region of the same shape, shifted rigidly.
 
@@ -272,6 +278,7 @@ def rigid_region_scores(query: torch.Tensor, references: torch.Tensor, valid: to
         regions: ``(N, HW)`` int64 region ids.
         num_regions: upper bound on region ids.
         max_shift: largest ``|dy|`` and ``|dx|`` (``None``: any shift that fits the grid).
+        normalized: the cell vectors already have unit norm along the channels.
 
     Returns:
         ``scores`` ``(N, R, K * O)`` summed cosine similarity of region ``r`` with reference ``k``
@@ -292,8 +299,10 @@ def rigid_region_scores(query: torch.Tensor, references: torch.Tensor, valid: to
     tr, tc = rows[None] + dy[:, None], cols[None] + dx[:, None]               # (O, HW)
     inside = (tr >= 0) & (tr < h) & (tc >= 0) & (tc < w)
     source = tr.clamp(0, h - 1) * w + tc.clamp(0, w - 1)                      # (O, HW)
-    qn = F.normalize(query.float().reshape(n, c, hw), dim=1)
-    rn = F.normalize(references.float().reshape(n, k, c, hw), dim=2)
+    qn = query.float().reshape(n, c, hw)
+    rn = references.float().reshape(n, k, c, hw)
+    if not normalized:
+        qn, rn = F.normalize(qn, dim=1), F.normalize(rn, dim=2)
     sim = torch.einsum("ncu,nkcv->nkuv", qn, rn)                              # (N, K, HW, HW)
     o = dy.numel()
     idx = source[None, None].expand(n, k, o, hw)

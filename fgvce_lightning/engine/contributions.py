@@ -214,7 +214,7 @@ def _additive_closed_form(head: Head, query: torch.Tensor, absent: torch.Tensor,
 
 
 def is_additive_head(head: Head, query: torch.Tensor, absent: torch.Tensor, true: torch.Tensor,
-                     pred: torch.Tensor, *, num_pairs: int = 2, rtol: float = 1e-4,
+                     pred: torch.Tensor, *, num_pairs: int = 1, rtol: float = 1e-4,
                      atol: float = 1e-5, chunk_size: int = 1024,
                      generator: Optional[torch.Generator] = None,
                      num_classes: Optional[int] = None) -> bool:
@@ -260,7 +260,7 @@ def local_shapley(head: Head, query: torch.Tensor, absent: torch.Tensor, true: t
                   pred: torch.Tensor, *, window: int = 3, num_samples: int = 4,
                   antithetic: bool = True, chunk_size: int = 1024,
                   generator: Optional[torch.Generator] = None, exact_if_additive: bool = True,
-                  num_pairs: int = 2, rtol: float = 1e-4, atol: float = 1e-5,
+                  num_pairs: int = 1, rtol: float = 1e-4, atol: float = 1e-5,
                   num_classes: Optional[int] = None) -> ContributionResult:
     """Local-window Shapley value of every cell of every query, batched.
 

@@ -89,7 +89,7 @@ class SearchConfig:
     region_threshold: float = 0.5
     max_region_size: Optional[int] = None
     max_offset: Optional[int] = None
-    reference_lookahead: int = 8
+    reference_lookahead: int = 4
     rigid_matching: bool = True
     max_shift: Optional[int] = 2
     protected_channels: int = 0
@@ -303,8 +303,10 @@ def _search(head: Head, b: _Batch, config: SearchConfig, generator: torch.Genera
     cand = select_candidates(scores, b.valid, config.candidate_fraction, (h, w))
 
     # 3. matching and the cell ranking (absent = best candidate over all references)
-    best_sim, best_cell = match_cells(b.query[:, :cs], b.refs[:, :, :cs], cand,
-                                      config.max_offset)                 # (M, HW, K)
+    unit_q = torch.nn.functional.normalize(b.query[:, :cs], dim=1)     # cosine: normalise once
+    unit_r = torch.nn.functional.normalize(b.refs[:, :, :cs], dim=2)
+    best_sim, best_cell = match_cells(unit_q, unit_r, cand, config.max_offset,
+                                      normalized=True)                   # (M, HW, K)
     top_ref = best_sim.argmax(2)                                         # (M, HW)
     top_cell = best_cell.gather(2, top_ref[:, :, None]).squeeze(2)
     refs_flat = b.refs.flatten(3)                                        # (M, K, C, HW)
@@ -341,7 +343,7 @@ def _search(head: Head, b: _Batch, config: SearchConfig, generator: torch.Genera
     look_ok = torch.isfinite(look_score)
     if config.rigid_matching:
         rigid, source, rigid_sim = rigid_region_scores(
-            b.query[:, :cs], b.refs[:, :, :cs], b.valid, regions, r_max, config.max_shift)
+            unit_q, unit_r, b.valid, regions, r_max, config.max_shift, normalized=True)
         num_off = source.shape[0]
         look_rigid = min(config.reference_lookahead, rigid.shape[2])
     cell_ids = torch.arange(hw, device=device)
@@ -391,9 +393,13 @@ def _search(head: Head, b: _Batch, config: SearchConfig, generator: torch.Genera
         if cs < c:
             feat_l[:, :, cs:] = base[:, :, cs:]
         variants = torch.where(in_region, feat_l, base).reshape(a * nv, c, h, w)
-        rep = lambda x: x.repeat_interleave(nv)                        # noqa: E731
-        pt, pp, am, tm = (v.view(a, nv) for v in _evaluate(
-            head, variants, rep(b.true[idx]), rep(b.pred[idx]), config, num_classes))
+        usable = ok_l.reshape(-1)                      # evaluate only candidates that exist
+        owner = torch.arange(a, device=device).repeat_interleave(nv)[usable]
+        pt, pp, tm = (torch.full((a * nv,), float("-inf"), device=device) for _ in range(3))
+        am = torch.full((a * nv,), -1, dtype=torch.long, device=device)
+        pt[usable], pp[usable], am[usable], tm[usable] = _evaluate(
+            head, variants[usable], b.true[idx][owner], b.pred[idx][owner], config, num_classes)
+        pt, pp, am, tm = (v.view(a, nv) for v in (pt, pp, am, tm))
         b.evals[idx] += ok_l.sum(1)
         best = tm.masked_fill(~ok_l, float("-inf")).argmax(1)           # (A,)
         ar = torch.arange(a, device=device)

@@ -88,7 +88,7 @@ def test_additive_head_closed_form_equals_exhaustive_and_analytic() -> None:
     torch.testing.assert_close(res.values, analytic, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(exact.values, analytic, atol=1e-6, rtol=1e-5)
     # 4 · num_pairs for the check, H·W + 2 for the closed form and its identity check
-    assert res.head_evaluations.tolist() == [8 + 16 + 2] * 3
+    assert res.head_evaluations.tolist() == [4 + 16 + 2] * 3
     assert res.head_evaluations.dtype == torch.int64
 
 
@@ -108,13 +108,13 @@ def test_detector_rejects_non_additive_heads_and_falls_back_to_monte_carlo() -> 
     assert not is_additive_head(product_head, q2, a2, TRUE, PRED)
     res = local_shapley(ConvMaxHead(), query, absent, TRUE, PRED, num_samples=4)
     assert not res.exact
-    assert res.head_evaluations.tolist() == [8 + 2 * 16 * 4] * 3
+    assert res.head_evaluations.tolist() == [4 + 2 * 16 * 4] * 3
     plain = local_shapley(ConvMaxHead(), query, absent, TRUE, PRED, exact_if_additive=False)
     assert plain.head_evaluations.tolist() == [2 * 16 * 4] * 3
     # default cost on a 7×7 grid stays far below the 2,000-evaluation budget
     q7, a7 = _data(n=1, h=7, w=7)
     cost = local_shapley(ConvMaxHead(), q7, a7, TRUE[:1], PRED[:1]).head_evaluations
-    assert cost.tolist() == [8 + 392]
+    assert cost.tolist() == [4 + 392]
 
 
 # ---------------------------------------------------------------------------------------------
