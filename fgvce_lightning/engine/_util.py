@@ -21,9 +21,21 @@ Head = Callable[[torch.Tensor], torch.Tensor]
 """A head maps feature maps ``(B, C, H, W)`` to logits ``(B, num_classes)``."""
 
 
+_OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
+    e for e in (getattr(torch, "OutOfMemoryError", None),
+                getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)) if e is not None)
+
+_chunk_caps: dict[tuple, int] = {}
+"""Largest chunk that fitted, per (device, feature-map shape), learnt from out-of-memory errors."""
+
+
 def evaluate_head(head: Head, features: torch.Tensor, chunk_size: int = 1024,
                   num_classes: Optional[int] = None) -> torch.Tensor:
     """Run ``head`` on ``features`` in chunks and return float32 logits.
+
+    Chunks bound the peak memory of expensive heads (a transformer block, say). When a chunk runs
+    out of accelerator memory it is halved and retried, and the smaller size is remembered for
+    feature maps of that shape on that device, so later calls start there.
 
     Args:
         head: the classifier head.
@@ -36,13 +48,26 @@ def evaluate_head(head: Head, features: torch.Tensor, chunk_size: int = 1024,
 
     Raises:
         ValueError: when the head does not return ``(B, K)`` logits (or not ``num_classes`` of them).
+        torch.OutOfMemoryError: when even a single feature map does not fit.
     """
-    if chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"Expected `chunk_size` to be a positive integer, but got {chunk_size}.")
+    key = (str(features.device), *features.shape[1:])
+    size = min(chunk_size, _chunk_caps.get(key, chunk_size))
     outs = []
-    for start in range(0, features.shape[0], chunk_size):
-        chunk = features[start:start + chunk_size]
-        out = head(chunk)
+    start = 0
+    while start < features.shape[0]:
+        chunk = features[start:start + size]
+        try:
+            out = head(chunk)
+        except _OOM_ERRORS:
+            if size == 1:
+                raise
+            size = max(1, size // 2)
+            _chunk_caps[key] = size
+            if features.is_cuda:
+                torch.cuda.empty_cache()
+            continue
         if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != chunk.shape[0]:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
@@ -54,6 +79,7 @@ def evaluate_head(head: Head, features: torch.Tensor, chunk_size: int = 1024,
                 f"Expected the head to return {num_classes} class logits, but got {out.shape[1]}. "
                 "Check `num_classes` and the model split.")
         outs.append(out.float())
+        start += chunk.shape[0]
     if not outs:
         return torch.zeros(0, num_classes or 0, device=features.device)
     return torch.cat(outs)

@@ -89,3 +89,29 @@ def test_explanation_trajectory_and_pickle():
     assert skipped.skipped and not skipped.success and math.isnan(skipped.p_true_before)
     with pytest.raises(Exception):
         ex.success = False  # frozen
+
+
+def test_evaluate_head_halves_chunks_on_out_of_memory_and_remembers():
+    from fgvce_lightning.engine import _util
+
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    head = _head()
+    sizes = []
+
+    def tight_head(x):          # "runs out of memory" above 3 maps per call
+        sizes.append(x.shape[0])
+        if x.shape[0] > 3:
+            raise oom("CUDA out of memory (simulated)")
+        return head(x)
+
+    feats = torch.randn(10, 4, 3, 5)          # a shape no other test uses
+    _util._chunk_caps.clear()
+    out = evaluate_head(tight_head, feats, chunk_size=16)
+    torch.testing.assert_close(out, head(feats))
+    assert sizes[:3] == [10, 8, 4] and max(sizes[3:]) <= 3
+    sizes.clear()
+    evaluate_head(tight_head, feats, chunk_size=16)        # starts at the learnt size
+    assert max(sizes) <= 3
+    with pytest.raises(oom):
+        evaluate_head(lambda x: (_ for _ in ()).throw(oom("always")), feats, chunk_size=4)
+    _util._chunk_caps.clear()
