@@ -105,7 +105,7 @@ def test_benchmark_runs_end_to_end_on_a_tiny_config(bench, capsys):
     hw = 16  # 32-pixel inputs give a 4×4 grid
     assert result["setup"]["grid"] == (4, 4)
     # head evaluations per query: ours 2·HW·S + the additivity check (4·2); captum 1 + S·HW
-    assert [m.evals_per_query for m in methods] == [2 * hw * 4 + 8, 2 * hw * 4 + 8,
+    assert [m.evals_per_query for m in methods] == [2 * hw * 4 + 4, 2 * hw * 4 + 4,
                                                     1 + 2 * hw, 2 * (1 + 4 * hw)]
     for m in methods:
         assert m.values.shape == (2, 4, 4) and torch.isfinite(m.values).all()
