@@ -180,6 +180,11 @@ class CounterfactualMonitor(Callback):
         self._report_root: Optional[str] = None
         self._hook_handle: Any = None
         self._captured: Optional[torch.Tensor] = None
+        self._logit_handles: list = []
+        self._captured_logits: Optional[torch.Tensor] = None
+        # None: not yet checked this epoch; True: the model's own output equals head(F), reuse it;
+        # False: it does not (another output format, test-time augmentation, ...), recompute
+        self._reuse_logits: Optional[bool] = None
         self._fallback_warned = False
         self._locate_tried = False
         self._checked = False          # first batch validated (config errors raise there)
@@ -276,6 +281,8 @@ class CounterfactualMonitor(Callback):
 
     def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._active = self._should_explain(trainer) or (trainer.sanity_checking and not self._checked)
+        if self._reuse_logits:
+            self._reuse_logits = None      # check the model's output against the head again
         self._num_misclassified = 0
         self._collect_failures = []
         if self._store is not None:
@@ -286,7 +293,11 @@ class CounterfactualMonitor(Callback):
         if self._hook_handle is not None:
             self._hook_handle.remove()
             self._hook_handle = None
+        for handle in self._logit_handles:
+            handle.remove()
+        self._logit_handles = []
         self._captured = None
+        self._captured_logits = None
 
     def on_validation_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                                   batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -305,16 +316,31 @@ class CounterfactualMonitor(Callback):
                         self._captured = out.detach().clone()
 
         self._hook_handle = split.tap_module.register_forward_hook(hook)
+        if self._reuse_logits is not False:
+            # the logits of the user's own forward (the outermost module call that returns a
+            # (B, K) tensor), so the head need not run a second time
+            def logit_hook(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+                if isinstance(output, torch.Tensor) and output.dim() == 2:
+                    with torch.inference_mode(False), torch.no_grad():
+                        self._captured_logits = output.detach().clone()
+
+            owners = [pl_module, *(getattr(pl_module, a, None) for a in _WRAPPERS)]
+            seen: set[int] = set()
+            for owner in owners:
+                if isinstance(owner, torch.nn.Module) and id(owner) not in seen:
+                    seen.add(id(owner))
+                    self._logit_handles.append(owner.register_forward_hook(logit_hook))
 
     def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                                 outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        captured = self._captured
+        captured, captured_logits = self._captured, self._captured_logits
         self._remove_hook()
         if not self._active:
             return
         try:
             with torch.inference_mode(False), torch.no_grad(), preserved_rng_state([pl_module.device]):
-                self._collect(trainer, pl_module, batch, captured, batch_idx, dataloader_idx)
+                self._collect(trainer, pl_module, batch, captured, batch_idx, dataloader_idx,
+                              captured_logits)
             self._checked = True
         except Exception as err:  # noqa: BLE001 - configuration errors raise, later ones are counted
             if not self._checked:
@@ -328,11 +354,23 @@ class CounterfactualMonitor(Callback):
             self._active = False   # one sanity batch checks the configuration; nothing is kept
 
     def _collect(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
-                 captured: Optional[torch.Tensor], batch_idx: int, dataloader_idx: int) -> None:
+                 captured: Optional[torch.Tensor], batch_idx: int, dataloader_idx: int,
+                 captured_logits: Optional[torch.Tensor] = None) -> None:
         parsed = parse_batch(batch, self.batch_parser)
         feats = self._features_for(parsed, captured, pl_module)
-        with preserved_training_flags(pl_module, eval_mode=False):
-            logits = self._split.head(feats)
+        logits = None
+        usable = (captured_logits is not None and captured is not None
+                  and captured_logits.shape[0] == feats.shape[0])
+        if usable and self._reuse_logits:
+            logits = captured_logits
+        if logits is None:
+            with preserved_training_flags(pl_module, eval_mode=False):
+                logits = self._split.head(feats)
+            if usable and self._reuse_logits is None and isinstance(logits, torch.Tensor):
+                # checked once per epoch: reuse the model's own output only where it is head(F)
+                same = (captured_logits.shape == logits.shape and bool(torch.allclose(
+                    captured_logits.float(), logits.float(), rtol=1e-4, atol=1e-4)))
+                self._reuse_logits = same
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != feats.shape[0]:
             raise ValueError(f"Expected the head to return logits of shape ({feats.shape[0]}, "
                              f"num_classes), but got {getattr(logits, 'shape', type(logits).__name__)}. "
@@ -460,7 +498,8 @@ class CounterfactualMonitor(Callback):
         protos = {k: v.numpy() if isinstance(v, torch.Tensor) else v
                   for k, v in self._prototypes.state_dict().items()}
         state = self.__dict__.copy()
-        state.update(_store=None, _hook_handle=None, _captured=None, _reporters={}, _split=None,
+        state.update(_store=None, _hook_handle=None, _captured=None, _logit_handles=[],
+                     _captured_logits=None, _reporters={}, _split=None,
                      _split_owner=None, _locate_tried=False,
                      _prototypes=protos)
         return state

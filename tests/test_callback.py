@@ -317,3 +317,37 @@ def test_dict_batches_and_greedy_strategy(tmp_path):
     result = monitor.last_result
     assert result.method == "greedy" and result.stats.num_explained > 0
     assert {s.explanation.method for s in result.samples} == {"greedy"}
+
+
+class _ScaledOutput(TinyClassifier):
+    """Its forward returns temperature-scaled logits: not what the head computes."""
+
+    def forward(self, x):
+        return self.net(x) * 3.0
+
+
+def _explained(monitor):
+    return [(s.query_id, s.explanation.true, s.explanation.pred, s.explanation.edits)
+            for s in monitor.last_result.samples]
+
+
+def test_model_output_is_reused_as_logits_only_when_it_equals_the_head(tmp_path):
+    L.seed_everything(0)
+    _, val = loaders()
+    model = TinyClassifier()
+    reused = _monitor(max_samples=8, report_dir=tmp_path / "a")
+    _trainer(tmp_path, [reused]).validate(model, val)
+    assert reused._reuse_logits is True          # the forward's logits equal head(F)
+    recomputed = _monitor(max_samples=8, report_dir=tmp_path / "b")
+    recomputed._reuse_logits = False             # force a head pass on every batch
+    _trainer(tmp_path, [recomputed]).validate(model, val)
+    assert recomputed.last_result.stats.num_misclassified == reused.last_result.stats.num_misclassified
+    assert _explained(recomputed) == _explained(reused) and _explained(reused)
+
+    scaled = _ScaledOutput()
+    scaled.load_state_dict(model.state_dict())
+    guarded = _monitor(max_samples=8, report_dir=tmp_path / "c")
+    _trainer(tmp_path, [guarded]).validate(scaled, val)
+    assert guarded._reuse_logits is False        # mismatch detected: the head is used
+    assert _explained(guarded) == _explained(reused)
+    assert _no_forward_hooks(model) and _no_forward_hooks(scaled)
