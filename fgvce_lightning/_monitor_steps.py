@@ -228,12 +228,19 @@ def _world(trainer: "pl.Trainer") -> int:
     return int(getattr(trainer, "world_size", 1) or 1)
 
 
-def _prototype_cells(bank: ReferenceBank) -> torch.Tensor:
+def _part_channels(monitor: "CounterfactualMonitor", maps: torch.Tensor) -> torch.Tensor:
+    """The channels that describe a cell: without a transformer's prefix (class-token) channels,
+    which are the same in every cell of an image and would make prototypes cluster by image."""
+    protected = monitor.search_config.protected_channels
+    return (maps[:, :maps.shape[1] - protected] if protected else maps).float()
+
+
+def _prototype_cells(monitor: "CounterfactualMonitor", bank: ReferenceBank) -> torch.Tensor:
     """A class-balanced sample of the bank's feature maps for fitting the prototypes."""
     c, h, w = bank.feature_shape
     per_class = max(1, math.ceil(_PROTOTYPE_CELLS / (h * w) / bank.num_classes))
     maps = [bank.get(k)[0][:per_class] for k in range(bank.num_classes)]
-    return torch.cat(maps).float()
+    return _part_channels(monitor, torch.cat(maps))
 
 
 def sync_prototypes(monitor: "CounterfactualMonitor", trainer: "pl.Trainer",
@@ -248,7 +255,7 @@ def sync_prototypes(monitor: "CounterfactualMonitor", trainer: "pl.Trainer",
     if trainer.is_global_zero and store is not None and store.part_source == "prototypes":
         try:
             with preserved_rng_state([store.bank.device]):
-                protos.update(_prototype_cells(store.bank))
+                protos.update(_prototype_cells(monitor, store.bank))
         except Exception as err:  # noqa: BLE001
             _warn_failure(failures, "fitting the part prototypes", err)
     if _world(trainer) > 1:
@@ -285,7 +292,8 @@ def make_samples(monitor: "CounterfactualMonitor", trainer: "pl.Trainer", local:
         parts = _parts_of(monitor, store)
         names = [p.name for p in parts]
         if parts and store.part_source == "prototypes":
-            query_labels = monitor._prototypes.assign(store.mistakes.get("features").float()).cpu()
+            query_labels = monitor._prototypes.assign(
+                _part_channels(monitor, store.mistakes.get("features"))).cpu()
             reference_labels = _prototype_reference_labels(monitor, store, exps)
         elif parts:
             query_labels = store.mistakes.get("parts")
@@ -323,8 +331,8 @@ def _prototype_reference_labels(monitor: "CounterfactualMonitor", store: Stores,
                 by_class[exp.true] = store.bank.get(exp.true)[0]
             maps = by_class[exp.true]
             if e.reference_slot < maps.shape[0]:
-                out[tuple(e.reference_id)] = monitor._prototypes.assign(
-                    maps[e.reference_slot:e.reference_slot + 1].float())[0].cpu()
+                out[tuple(e.reference_id)] = monitor._prototypes.assign(_part_channels(
+                    monitor, maps[e.reference_slot:e.reference_slot + 1]))[0].cpu()
     return out
 
 

@@ -156,3 +156,5 @@ def test_monitor_explains_transformer_on_patch_grid(family, tmp_path, monkeypatc
         assert config.protected_channels == prefix_channels, (
             f"{family}: expected the callback to pass protected_channels=split.prefix_channels "
             f"({prefix_channels}) to the search, but it passed {config.protected_channels}")
+        # part prototypes describe cells by their patch channels only, not the prefix tokens
+        assert monitor._prototypes.prototypes.shape[1] == shape[1] - prefix_channels
