@@ -393,6 +393,33 @@ def summary(result: EpochResult) -> dict[str, Any]:
             "part_error_share": {p.part: p.error_share for p in s.part_stats}}
 
 
+def _log_prototype_strips(monitor: "CounterfactualMonitor", writer: Any, step: int) -> None:
+    """Each discovered part as a strip of its most typical bank patches, so a person can name it
+    (``P/parts/<id>_<name>``; names come from ``part_names`` or ``PartPrototypes.set_names``)."""
+    store, protos = monitor._store, monitor._prototypes
+    if store is None or store.part_source != "prototypes" or not protos.fitted:
+        return
+    maps, ids = [], []
+    for k in range(store.bank.num_classes):
+        feats, kid = store.bank.get(k)
+        maps.append(feats)
+        ids.append(kid)
+    maps_t, ids_t = torch.cat(maps), torch.cat(ids)
+    if maps_t.shape[0] == 0:
+        return
+    thumbs = [store.extras.lookup_id("thumb", tuple(i)) for i in ids_t.tolist()]
+    keep = [i for i, t in enumerate(thumbs) if t is not None]
+    if not keep:
+        return
+    rows = torch.tensor(keep)
+    feats = _part_channels(monitor, maps_t[rows.to(maps_t.device)])
+    images = torch.stack([thumbs[i] for i in keep])
+    for part in protos.parts():
+        strip = protos.patch_strip(part.id, feats, images, k=8)
+        tag = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in part.name)
+        writer.add_image(f"{monitor.prefix}/parts/{part.id}_{tag}", strip, step)
+
+
 def publish(monitor: "CounterfactualMonitor", trainer: "pl.Trainer", result: EpochResult) -> None:
     """Rank 0: scalars to every logger, TensorBoard panels, the epoch report. Never raises."""
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -413,6 +440,7 @@ def publish(monitor: "CounterfactualMonitor", trainer: "pl.Trainer", result: Epo
                                                    max_images=monitor.log_images)
                     monitor._reporters[id(logger)] = reporter
                 reporter.log_epoch(result, step, scalars=False)
+                _log_prototype_strips(monitor, logger.experiment, step)
         except Exception as err:  # noqa: BLE001
             warnings.warn(f"CounterfactualMonitor: logging to {type(logger).__name__} failed: "
                           f"{type(err).__name__}: {err}", RuntimeWarning, stacklevel=2)

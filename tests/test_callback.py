@@ -156,6 +156,11 @@ def test_tensorboard_scalars_images_text_layout_and_report(tmp_path):
     assert any(t.startswith("fgvce/part_error_share/") for t in tags["scalars"])
     assert [e.step for e in acc.Scalars("fgvce/misclassified")] == [4, 8]   # one per epoch
     assert "fgvce/samples/0" in tags["images"]
+    # discovered parts (no annotations here): one strip of typical patches per prototype
+    strips = sorted(t for t in tags["images"] if t.startswith("fgvce/parts/"))
+    assert len(strips) == monitor._prototypes.num_parts, strips
+    strip = acc.Images(strips[0])[-1]
+    assert strip.width > strip.height > 0                                   # a horizontal strip
     assert any(t.startswith("fgvce/summary") for t in tags["tensors"])      # text
     layout = [t for t in tags["tensors"] if "custom_scalars" in t]
     assert layout, tags["tensors"]
