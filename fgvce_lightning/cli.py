@@ -22,7 +22,8 @@ from typing import Optional, Sequence
 __all__ = ["main", "build_parser", "run_demo"]
 
 
-def _positive(value: str) -> int:
+def positive_int(value: str) -> int:
+    """argparse type: a positive integer, with a message that says what was given."""
     try:
         number = int(value)
     except ValueError:
@@ -44,16 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train SmallCNN on SyntheticBirds for a few epochs with the "
                     "CounterfactualMonitor on, then print where the TensorBoard logs and the "
                     "reports are.")
-    demo.add_argument("--epochs", type=_positive, default=3, help="training epochs (default: 3)")
+    demo.add_argument("--epochs", type=positive_int, default=3, help="training epochs (default: 3)")
     demo.add_argument("--output-dir", default="runs/fgvce-demo",
                       help="where logs, checkpoints and reports go (default: runs/fgvce-demo)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    demo.add_argument("--max-samples", type=_positive, default=32,
+    demo.add_argument("--max-samples", type=positive_int, default=32,
                       help="mistakes explained per epoch (default: 32)")
     demo.add_argument("--accelerator", default="cpu",
                       help="Lightning accelerator: cpu, gpu, mps, auto (default: cpu)")
-    demo.add_argument("--num-train", type=_positive, default=2000, help=argparse.SUPPRESS)
-    demo.add_argument("--num-val", type=_positive, default=500, help=argparse.SUPPRESS)
+    demo.add_argument("--num-train", type=positive_int, default=2000, help=argparse.SUPPRESS)
+    demo.add_argument("--num-val", type=positive_int, default=500, help=argparse.SUPPRESS)
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     from .evaluate import add_evaluate_parser
 

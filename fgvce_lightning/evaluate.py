@@ -519,16 +519,6 @@ def prototype_purity(cluster_ids: torch.Tensor, part_ids: torch.Tensor, num_clus
 
 
 # ---------------------------------------------------------------------- CLI glue
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, but got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, but got {value!r}")
-    return number
-
-
 def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``evaluate`` subcommand to an ``argparse`` subparsers object and return it.
 
@@ -542,6 +532,8 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="path of a DemoClassifier .ckpt")
     parser.add_argument("--data", choices=("synthetic",), default="synthetic",
                         help="validation data (default: synthetic, the demo's SyntheticBirds)")
+    from .cli import positive_int as _positive
+
     parser.add_argument("--num-val", type=_positive, default=500,
                         help="validation images (default: 500, as the demo)")
     parser.add_argument("--max-queries", type=_positive, default=64,
