@@ -12,7 +12,6 @@ inside it, and the search must leave the class/distillation tokens — carried a
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import lightning as L
 import pytest

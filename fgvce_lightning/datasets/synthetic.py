@@ -372,7 +372,7 @@ def _snap_keypoints(anchors: Tensor, masks: Tensor, radius: Tensor) -> Tensor:
     An anchor whose pixel lies in its mask is kept; otherwise it moves to the nearest mask pixel
     within ``radius`` ``(N,)`` pixels; with none there, the part is marked invisible.
     """
-    n, parts, s = masks.shape[0], masks.shape[1], masks.shape[-1]
+    s = masks.shape[-1]
     coords = torch.arange(s, dtype=torch.float32)
     ax, ay = anchors[..., 0], anchors[..., 1]
     d2 = (coords[None, None, None, :] - ax[..., None, None]) ** 2 + (coords[None, None, :, None] - ay[..., None, None]) ** 2

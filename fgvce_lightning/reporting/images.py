@@ -19,7 +19,6 @@ from torchvision.utils import draw_bounding_boxes, make_grid
 
 from ..engine.results import Cell, Edit, Explanation
 from .epoch import ExplainedSample
-from .figures import figure_to_image
 
 __all__ = [
     "EDIT_COLORS", "cell_mask", "query_panel", "contribution_panel", "reference_panel",

@@ -1,6 +1,5 @@
 """Hand-made explanations for the parts and metrics tests."""
 
-import torch
 
 from fgvce_lightning.engine.results import Edit, Explanation
 
