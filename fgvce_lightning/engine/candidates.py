@@ -24,6 +24,7 @@ __all__ = [
     "region_reference_scores",
     "gradcam_scores",
     "rigid_region_scores",
+    "cell_similarity",
 ]
 
 
@@ -141,9 +142,31 @@ def select_candidates(scores: Optional[torch.Tensor], valid: torch.Tensor, fract
     return cand.view(n, k, hw) & cell_valid
 
 
+def cell_similarity(query: torch.Tensor, references: torch.Tensor, *, normalized: bool = False
+                    ) -> torch.Tensor:
+    """Cosine similarity of every query cell with every cell of each of its references.
+
+    Args:
+        query: ``(N, C, H, W)``.
+        references: ``(N, K, C, H, W)``.
+        normalized: the cell vectors already have unit norm along the channels.
+
+    Returns:
+        ``(N, H*W, K, H*W)`` float32: ``[n, u, k, v]`` = cos(query cell ``u``, reference ``k`` cell ``v``).
+    """
+    n, k, c, h, w = references.shape
+    hw = h * w
+    qn = query.float().reshape(n, c, hw)                                       # (N, C, HW)
+    rn = references.float().reshape(n, k, c, hw)                               # (N, K, C, HW)
+    if not normalized:
+        qn, rn = F.normalize(qn, dim=1), F.normalize(rn, dim=2)
+    rn = rn.permute(0, 2, 1, 3).reshape(n, c, k * hw)
+    return torch.bmm(qn.transpose(1, 2), rn).view(n, hw, k, hw)
+
+
 def match_cells(query: torch.Tensor, references: torch.Tensor, candidates: torch.Tensor,
-                max_offset: Optional[int] = None, *, normalized: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                max_offset: Optional[int] = None, *, normalized: bool = False,
+                similarity: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Best cosine match of every query cell among each reference's candidate cells.
 
     Args:
@@ -155,6 +178,8 @@ def match_cells(query: torch.Tensor, references: torch.Tensor, candidates: torch
             candidate in reach may take any reference cell in reach.
         normalized: the cell vectors of ``query`` and ``references`` already have unit norm
             along the channels (skips normalising them again).
+        similarity: the :func:`cell_similarity` of ``query`` and ``references`` when already
+            computed (it is not modified).
 
     Returns:
         ``best_sim`` ``(N, H*W, K)`` float32 (``-inf`` for a reference without candidates) and
@@ -162,12 +187,8 @@ def match_cells(query: torch.Tensor, references: torch.Tensor, candidates: torch
     """
     n, k, c, h, w = references.shape
     hw = h * w
-    qn = query.float().reshape(n, c, hw)                                       # (N, C, HW)
-    rn = references.float().reshape(n, k, c, hw)                               # (N, K, C, HW)
-    if not normalized:
-        qn, rn = F.normalize(qn, dim=1), F.normalize(rn, dim=2)
-    rn = rn.permute(0, 2, 1, 3).reshape(n, c, k * hw)
-    sim = torch.bmm(qn.transpose(1, 2), rn).view(n, hw, k, hw)               # (N, HW, K, HW)
+    if similarity is None:
+        similarity = cell_similarity(query, references, normalized=normalized)
     allowed = candidates[:, None]                                             # (N, 1, K, HW)
     if max_offset is not None:
         rows = torch.arange(hw, device=query.device) // w
@@ -178,13 +199,13 @@ def match_cells(query: torch.Tensor, references: torch.Tensor, candidates: torch
         stranded = ~allowed.flatten(2).any(2)                                 # (N, HW)
         usable = candidates.any(2)[:, None, :, None]                          # refs with candidates
         allowed = allowed | (stranded[:, :, None, None] & near & usable)
-    sim.masked_fill_(~allowed, -math.inf)
-    best_sim, best_cell = sim.max(dim=3)
+    best_sim, best_cell = similarity.masked_fill(~allowed, -math.inf).max(dim=3)
     return best_sim, best_cell
 
 
 def assign_region_references(best_sim: torch.Tensor, best_cell: torch.Tensor,
-                             regions: torch.Tensor, num_regions: int
+                             regions: torch.Tensor, num_regions: int,
+                             scores: Optional[torch.Tensor] = None
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Choose one reference per region and the matched reference cell of every query cell.
 
@@ -201,7 +222,9 @@ def assign_region_references(best_sim: torch.Tensor, best_cell: torch.Tensor,
         ``region_ref`` ``(N, R)`` chosen reference per region, and per cell ``cell_ref`` ``(N, HW)``,
         ``cell_match`` ``(N, HW)`` (reference cell index) and ``cell_sim`` ``(N, HW)``.
     """
-    region_ref = region_reference_scores(best_sim, regions, num_regions).argmax(dim=2)  # (N, R)
+    if scores is None:
+        scores = region_reference_scores(best_sim, regions, num_regions)
+    region_ref = scores.argmax(dim=2)                                         # (N, R)
     cell_ref = region_ref.gather(1, regions)                                  # (N, HW)
     cell_match = best_cell.gather(2, cell_ref[:, :, None]).squeeze(2)
     cell_sim = best_sim.gather(2, cell_ref[:, :, None]).squeeze(2)
@@ -263,7 +286,7 @@ def gradcam_scores(head: Head, query: torch.Tensor, true: torch.Tensor, pred: to
 
 def rigid_region_scores(query: torch.Tensor, references: torch.Tensor, valid: torch.Tensor,
                         regions: torch.Tensor, num_regions: int, max_shift: Optional[int], *,
-                        normalized: bool = False
+                        normalized: bool = False, similarity: Optional[torch.Tensor] = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score every region against every reference region of the same shape, shifted rigidly.
 
@@ -279,6 +302,8 @@ def rigid_region_scores(query: torch.Tensor, references: torch.Tensor, valid: to
         num_regions: upper bound on region ids.
         max_shift: largest ``|dy|`` and ``|dx|`` (``None``: any shift that fits the grid).
         normalized: the cell vectors already have unit norm along the channels.
+        similarity: the :func:`cell_similarity` of ``query`` and ``references`` when already
+            computed.
 
     Returns:
         ``scores`` ``(N, R, K * O)`` summed cosine similarity of region ``r`` with reference ``k``
@@ -299,14 +324,11 @@ def rigid_region_scores(query: torch.Tensor, references: torch.Tensor, valid: to
     tr, tc = rows[None] + dy[:, None], cols[None] + dx[:, None]               # (O, HW)
     inside = (tr >= 0) & (tr < h) & (tc >= 0) & (tc < w)
     source = tr.clamp(0, h - 1) * w + tc.clamp(0, w - 1)                      # (O, HW)
-    qn = query.float().reshape(n, c, hw)
-    rn = references.float().reshape(n, k, c, hw)
-    if not normalized:
-        qn, rn = F.normalize(qn, dim=1), F.normalize(rn, dim=2)
-    sim = torch.einsum("ncu,nkcv->nkuv", qn, rn)                              # (N, K, HW, HW)
+    if similarity is None:
+        similarity = cell_similarity(query, references, normalized=normalized)  # (N,HW,K,HW)
     o = dy.numel()
-    idx = source[None, None].expand(n, k, o, hw)
-    cell_sim = sim.gather(3, idx.permute(0, 1, 3, 2)).permute(0, 3, 1, 2)     # (N, O, K, HW)
+    idx = source.T[None, :, None, :].expand(n, hw, k, o)                      # [n,u,k,o]=src
+    cell_sim = similarity.gather(3, idx).permute(0, 3, 2, 1)                  # (N, O, K, HW)
     bad = ~inside[None, :, None, :] | ~valid[:, None, :, None]
     cell_sim = cell_sim.masked_fill(bad, -math.inf)
     totals = torch.zeros(n, o, k, num_regions, device=device)

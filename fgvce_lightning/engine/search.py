@@ -25,7 +25,7 @@ from torch import nn
 from ._util import (Head, check_feature_map, evaluate_head, preserved_rng_state,
                     preserved_training_flags)
 from .bank import ReferenceBank
-from .candidates import (assign_region_references, gradcam_scores, match_cells,
+from .candidates import (assign_region_references, cell_similarity, gradcam_scores, match_cells,
                          reference_cell_scores, region_reference_scores, rigid_region_scores,
                          select_candidates)
 from .contributions import local_shapley
@@ -305,8 +305,9 @@ def _search(head: Head, b: _Batch, config: SearchConfig, generator: torch.Genera
     # 3. matching and the cell ranking (absent = best candidate over all references)
     unit_q = torch.nn.functional.normalize(b.query[:, :cs], dim=1)     # cosine: normalise once
     unit_r = torch.nn.functional.normalize(b.refs[:, :, :cs], dim=2)
+    similarity = cell_similarity(unit_q, unit_r, normalized=True)        # (M, HW, K, HW)
     best_sim, best_cell = match_cells(unit_q, unit_r, cand, config.max_offset,
-                                      normalized=True)                   # (M, HW, K)
+                                      similarity=similarity)             # (M, HW, K)
     top_ref = best_sim.argmax(2)                                         # (M, HW)
     top_cell = best_cell.gather(2, top_ref[:, :, None]).squeeze(2)
     refs_flat = b.refs.flatten(3)                                        # (M, K, C, HW)
@@ -334,16 +335,16 @@ def _search(head: Head, b: _Batch, config: SearchConfig, generator: torch.Genera
                            max_region_size=config.max_region_size).view(m, hw)
     num_regions = regions.max(1).values + 1                              # (M,)
     r_max = int(num_regions.max())
+    ref_scores = region_reference_scores(best_sim, regions, r_max)        # (M, R, K)
     region_ref, cell_ref, cell_match, cell_sim = assign_region_references(
-        best_sim, best_cell, regions, r_max)
+        best_sim, best_cell, regions, r_max, scores=ref_scores)
     num_refs = b.refs.shape[1]
     look = min(config.reference_lookahead, num_refs)
-    ref_scores = region_reference_scores(best_sim, regions, r_max)        # (M, R, K)
     look_score, look_ref = ref_scores.topk(look, dim=2)                   # (M, R, L)
     look_ok = torch.isfinite(look_score)
     if config.rigid_matching:
         rigid, source, rigid_sim = rigid_region_scores(
-            unit_q, unit_r, b.valid, regions, r_max, config.max_shift, normalized=True)
+            unit_q, unit_r, b.valid, regions, r_max, config.max_shift, similarity=similarity)
         num_off = source.shape[0]
         look_rigid = min(config.reference_lookahead, rigid.shape[2])
     cell_ids = torch.arange(hw, device=device)
