@@ -7,7 +7,7 @@ Figures are built on :class:`matplotlib.figure.Figure` with an Agg canvas, never
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
@@ -16,7 +16,15 @@ from matplotlib.figure import Figure
 
 from ..parts.types import EpochStats, PairStat
 
-__all__ = ["figure_to_image", "part_error_figure", "confusion_part_heatmap", "class_label"]
+if TYPE_CHECKING:
+    from .epoch import EpochResult
+
+__all__ = ["figure_to_image", "part_error_figure", "confusion_part_heatmap", "class_label",
+           "epoch_figure_images"]
+
+_rendered: list = [None, {}]
+"""The last epoch result whose figures were rendered, and its images (TensorBoard and the HTML
+report show the same figures of the same epoch: draw them once)."""
 
 
 def class_label(index: int, class_names: Optional[Sequence[str]] = None) -> str:
@@ -132,3 +140,22 @@ def confusion_part_heatmap(stats: EpochStats, class_names: Optional[Sequence[str
     ax.set_title("Confusion pair × part\n(share of the pair's mistakes)", fontsize=10)
     figure.colorbar(image, ax=ax, fraction=0.05)
     return figure
+
+
+def epoch_figure_images(result: "EpochResult") -> dict[str, torch.Tensor]:
+    """The epoch's figures as ``(3, H, W)`` uint8 images: ``"part_errors"`` and
+    ``"confusion_parts"`` (each only when its statistics exist).
+
+    Rendered once per epoch result: a second call with the same result object (e.g. the HTML
+    report after the TensorBoard panels) returns the same images without drawing again.
+    """
+    if _rendered[0] is result:
+        return _rendered[1]
+    images: dict[str, torch.Tensor] = {}
+    if result.stats.part_stats:
+        images["part_errors"] = figure_to_image(part_error_figure(result.stats))
+        if result.stats.pair_stats:
+            images["confusion_parts"] = figure_to_image(
+                confusion_part_heatmap(result.stats, result.class_names))
+    _rendered[0], _rendered[1] = result, images
+    return images

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 
 from .epoch import EpochResult
-from .figures import confusion_part_heatmap, figure_to_image, part_error_figure
+from .figures import epoch_figure_images
 from .images import sample_panel
 
 __all__ = ["png_bytes", "png_data_uri", "jpeg_bytes", "jpeg_data_uri", "render_html"]
@@ -186,13 +186,14 @@ def render_html(result: EpochResult, report: Optional[dict] = None, *, panel_siz
     title = f"FG-VCE report · epoch {report['epoch']}"
     body: list[Any] = [f"<h1>{escape(title)}</h1>", "<h2>Summary</h2>", _summary(report)]
     body += ["<h2>Parts behind the mistakes</h2>", _parts(report)]
-    if result.stats.part_stats:
+    figures = epoch_figure_images(result)
+    if "part_errors" in figures:
         body.append(f'<p><img alt="part error shares" '
-                    f'src="{png_data_uri(figure_to_image(part_error_figure(result.stats)))}"></p>')
+                    f'src="{png_data_uri(figures["part_errors"])}"></p>')
     body += ["<h2>Confusion pairs</h2>", _pairs(report)]
-    if result.stats.pair_stats and result.stats.part_stats:
-        fig = confusion_part_heatmap(result.stats, result.class_names)
-        body.append(f'<p><img alt="confusion pair by part" src="{png_data_uri(figure_to_image(fig))}"></p>')
+    if "confusion_parts" in figures:
+        body.append(f'<p><img alt="confusion pair by part" '
+                    f'src="{png_data_uri(figures["confusion_parts"])}"></p>')
     if report["failures"]:
         body += ["<h2>Failures</h2><ul>"] + [f"<li>{escape(f)}</li>" for f in report["failures"]]
         body.append("</ul>")

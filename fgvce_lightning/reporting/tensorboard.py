@@ -15,7 +15,7 @@ from typing import Any, Iterable, Optional
 from torchvision.utils import make_grid
 
 from .epoch import EpochResult
-from .figures import class_label, confusion_part_heatmap, figure_to_image, part_error_figure
+from .figures import class_label, epoch_figure_images
 from .images import sample_panels
 from .scalars import custom_scalars_layout, epoch_scalars
 
@@ -168,13 +168,8 @@ class TensorBoardReporter:
         if hasattr(w, "add_image"):
             for slot, index in enumerate(select_samples(result, self.max_images)):
                 self._log_sample(result, index, slot, step)
-            if result.stats.part_stats:
-                w.add_image(f"{p}/figures/part_errors",
-                            figure_to_image(part_error_figure(result.stats)), step, dataformats="CHW")
-            if result.stats.pair_stats and result.stats.part_stats:
-                fig = confusion_part_heatmap(result.stats, result.class_names)
-                w.add_image(f"{p}/figures/confusion_parts", figure_to_image(fig), step,
-                            dataformats="CHW")
+            for name, image in epoch_figure_images(result).items():
+                w.add_image(f"{p}/figures/{name}", image, step, dataformats="CHW")
         if hasattr(w, "add_text"):
             w.add_text(f"{p}/summary", markdown_summary(result), step)
         if hasattr(w, "flush"):

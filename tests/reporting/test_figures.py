@@ -62,3 +62,21 @@ def test_reporting_layer_imports_no_lightning_pyplot_or_tensorboard():
                 names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
             for name in names:
                 assert not name.startswith(forbidden), f"{path.name} imports {name}"
+
+
+def test_epoch_figures_are_drawn_once_per_result(monkeypatch, make_result):
+    from fgvce_lightning.reporting import figures
+    from fgvce_lightning.reporting.html import render_html
+
+    build_result = make_result
+    calls = []
+    real = figures.part_error_figure
+    monkeypatch.setattr(figures, "part_error_figure", lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = build_result()
+    first = figures.epoch_figure_images(result)
+    assert set(first) == {"part_errors", "confusion_parts"}
+    assert first["part_errors"].dtype == torch.uint8 and first["part_errors"].shape[0] == 3
+    html = render_html(result)                       # the HTML report reuses the same images
+    assert calls == [1] and html.count("data:image/png;base64,") == 2
+    figures.epoch_figure_images(build_result())      # another epoch's result: drawn again
+    assert calls == [1, 1]
