@@ -25,7 +25,7 @@ from . import _monitor_steps as steps
 from .collection import ParsedBatch, parse_batch
 from .engine._util import check_feature_map, preserved_rng_state, preserved_training_flags
 from .engine.search import SearchConfig
-from .engine.split import ModelSplit, locate_hook_module, split_model
+from .engine.split import WRAPPER_ATTRIBUTES, ModelSplit, locate_hook_module, split_model
 from .parts import PartHistory, PartPrototypes
 from .reporting.epoch import EpochResult
 
@@ -35,7 +35,6 @@ _STRATEGIES = ("fgvce", "greedy")
 _PART_SOURCES = ("auto", "keypoints", "masks", "prototypes", "none")
 _BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _STATE_VERSION = 1
-_WRAPPERS = ("model", "net", "network", "backbone", "classifier")
 
 
 def _positive_int(value: Any, name: str, allow_none: bool = False) -> Optional[int]:
@@ -324,7 +323,7 @@ class CounterfactualMonitor(Callback):
                     with torch.inference_mode(False), torch.no_grad():
                         self._captured_logits = output.detach().clone()
 
-            owners = [pl_module, *(getattr(pl_module, a, None) for a in _WRAPPERS)]
+            owners = [pl_module, *(getattr(pl_module, a, None) for a in WRAPPER_ATTRIBUTES)]
             seen: set[int] = set()
             for owner in owners:
                 if isinstance(owner, torch.nn.Module) and id(owner) not in seen:
@@ -395,7 +394,7 @@ class CounterfactualMonitor(Callback):
         output is the feature map, once, so later batches are captured without a second forward."""
         self._locate_tried = True
         found = None
-        for owner in (pl_module, *(getattr(pl_module, a, None) for a in _WRAPPERS)):
+        for owner in (pl_module, *(getattr(pl_module, a, None) for a in WRAPPER_ATTRIBUTES)):
             if not isinstance(owner, torch.nn.Module):
                 continue
             try:

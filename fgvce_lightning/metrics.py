@@ -46,6 +46,22 @@ def _query_labels(query_cell_parts: torch.Tensor, num_parts: Optional[int]) -> t
     return query_cell_parts.detach().cpu()
 
 
+def _scored_replacements(explanations: Sequence[Explanation], query_cell_parts: torch.Tensor,
+                         num_parts: Optional[int], first_edit_only: bool,
+                         distinguishing: Optional[torch.Tensor]):
+    """What Near- and Same-part scoring share: the query labels ``(N, P, H, W)``, the
+    replacements, their query index and cell ``(R,)`` / ``(R, 2)``, and the distinguishing-part mask
+    ``(R, P)`` (or ``None``); ``None`` when there is no replacement to score."""
+    labels = _query_labels(query_cell_parts, num_parts)
+    n, p = labels.shape[:2]
+    rows = _replacements(explanations, first_edit_only, n)
+    if not rows:
+        return None
+    qidx = torch.tensor([r[0] for r in rows])
+    qcell = torch.tensor([r[1] for r in rows])
+    return labels, rows, qidx, qcell, _distinguishing_mask(distinguishing, qidx, n, p)
+
+
 def _replacements(explanations: Sequence[Explanation], first_edit_only: bool, n: int):
     """Flatten explanations into replacement index lists: query index, query cell, edit, ref cell."""
     rows = []
@@ -118,14 +134,12 @@ def near_part_hit_rate(explanations: Sequence[Explanation], query_cell_parts: to
     Returns:
         the hit rate in ``[0, 1]``, ``nan`` when there is no replacement to score.
     """
-    labels = _query_labels(query_cell_parts, num_parts)
-    n, p = labels.shape[:2]
-    rows = _replacements(explanations, first_edit_only, n)
-    if not rows:
+    scored = _scored_replacements(explanations, query_cell_parts, num_parts, first_edit_only,
+                                  distinguishing)
+    if scored is None:
         return math.nan
-    qidx = torch.tensor([r[0] for r in rows])
-    qcell = torch.tensor([r[1] for r in rows])
-    mask = _distinguishing_mask(distinguishing, qidx, n, p)
+    labels, rows, qidx, qcell, mask = scored
+    p = labels.shape[1]
     near_q_maps = near_cells(labels, radius)                          # (N, P, H, W)
     q_vec = near_q_maps[qidx, :, qcell[:, 0], qcell[:, 1]]             # (R, P)
     if mask is not None:
@@ -168,15 +182,13 @@ def same_part_hit_rate(explanations: Sequence[Explanation], query_cell_parts: to
     if reference_cell_parts is None:
         raise ValueError("Expected `reference_cell_parts` (labels of the references, keyed by "
                          "`Edit.reference_id`): Same-part compares query and reference cells.")
-    labels = _query_labels(query_cell_parts, num_parts)
-    n, p = labels.shape[:2]
-    rows = _replacements(explanations, first_edit_only, n)
-    if not rows:
+    scored = _scored_replacements(explanations, query_cell_parts, num_parts, first_edit_only,
+                                  distinguishing)
+    if scored is None:
         return math.nan
-    qidx = torch.tensor([r[0] for r in rows])
-    qcell = torch.tensor([r[1] for r in rows])
-    hit = labels[qidx, :, qcell[:, 0], qcell[:, 1]] & _reference_vectors(rows, reference_cell_parts, p)
-    mask = _distinguishing_mask(distinguishing, qidx, n, p)
+    labels, rows, qidx, qcell, mask = scored
+    hit = labels[qidx, :, qcell[:, 0], qcell[:, 1]] & _reference_vectors(rows, reference_cell_parts,
+                                                                         labels.shape[1])
     if mask is not None:
         hit = hit & mask
     return float(hit.any(dim=1).double().mean())

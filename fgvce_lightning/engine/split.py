@@ -49,7 +49,8 @@ SPLIT_OPTIONS = (
     "(4) pass explicit `features=` and `head=` callables.")
 """The four ways to split a model, quoted by every error of this module."""
 
-_WRAPPER_ATTRIBUTES = ("model", "net", "backbone", "network", "classifier", "module", "_orig_mod")
+WRAPPER_ATTRIBUTES = ("model", "net", "backbone", "network", "classifier", "module", "_orig_mod")
+"""Attributes of a wrapper module (e.g. a LightningModule) searched for the classifier it wraps."""
 
 
 @dataclass(frozen=True)
@@ -272,7 +273,7 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``model`` itself, then wrapped models (common attributes, then the only child)."""
     out: list[tuple[str, nn.Module]] = [("", model)]
     seen = {id(model)}
-    for attr in _WRAPPER_ATTRIBUTES:
+    for attr in WRAPPER_ATTRIBUTES:
         sub = getattr(model, attr, None)
         if isinstance(sub, nn.Module) and id(sub) not in seen:
             out.append((attr, sub))
