@@ -28,13 +28,7 @@ def _tiny(epochs: int = 1, image_size: int = 32, html: bool = False) -> list[str
             "--batch-size", "16", "--limit-batches", "2", "--max-samples", "4"] + ([] if html else ["--no-html"])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # two intra-op threads on a busy 2-core machine are several times slower than one
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _load(name: str):

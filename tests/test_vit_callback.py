@@ -27,13 +27,7 @@ from fgvce_lightning.reporting import validate_report
 SIZE, NUM_CLASSES, DIM = 32, 4, 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # two intra-op threads on a busy 2-core machine are several times slower than one
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tv_vit():

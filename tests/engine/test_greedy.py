@@ -2,18 +2,16 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from fgvce_lightning.engine.bank import ReferenceBank
 from fgvce_lightning.engine.greedy import greedy_search
 from fgvce_lightning.engine.search import SearchConfig
 
-C, H, W = 4, 4, 4
-S_CELLS = ((1, 1), (1, 2), (3, 3))
+from cell_heads import C, H, S_CELLS, W, CellLinearHead as _CellHead
 
 
-class CellLinearHead(nn.Module):
-    """Class 1 reads channel 0 on ``S_CELLS``, class 0 channel 1 there (bias -4), class 2 is off.
+class CellLinearHead(_CellHead):
+    """The additive cell head with true-class bias -4.
 
     The query has channel 0 = (1.0, 1.2, 1.4) on the three cells (margin 7.6), the references
     channel 1 = (1.0, 1.3, 1.6) there; swapping reference cell v onto query cell u lowers the
@@ -21,19 +19,7 @@ class CellLinearHead(nn.Module):
     """
 
     def __init__(self):
-        super().__init__()
-        weight = torch.zeros(3, C, H, W)
-        for r, c in S_CELLS:
-            weight[1, 0, r, c] = 1.0
-            weight[0, 1, r, c] = 1.0
-        self.weight = nn.Parameter(weight)
-        self.bias = nn.Parameter(torch.tensor([-4.0, 0.0, -10.0]))
-        self.dropout = nn.Dropout(0.5)
-        self.seen = 0
-
-    def forward(self, x):
-        self.seen += x.shape[0]
-        return torch.einsum("nchw,kchw->nk", self.dropout(x), self.weight) + self.bias
+        super().__init__(true_bias=-4.0)
 
 
 def _problem(n=1, seed=0, dtype=torch.float32):

@@ -5,33 +5,19 @@ from torch import nn
 from fgvce_lightning.engine.bank import ReferenceBank
 from fgvce_lightning.engine.search import SearchConfig, counterfactual_search
 
-C, H, W = 4, 4, 4
-S_CELLS = ((1, 1), (1, 2), (3, 3))
+from cell_heads import C, H, S_CELLS, W, CellLinearHead as _CellHead
 
 
-class CellLinearHead(nn.Module):
-    """logits = <W_k, x> + b_k: additive over cells; counts the feature maps it sees.
+class CellLinearHead(_CellHead):
+    """The additive cell head with true-class bias -2.
 
-    Class 1 (the mistake) reads channel 0 on ``S_CELLS``, class 0 (the truth) channel 1 there,
-    class 2 is out of the game. A query with channel 0 = 1 on the three cells has margin
-    ``3 - (0 - 2) = 5``; each cell swapped for a reference cell with channel 1 = 1 lowers it by 2,
-    so exactly the three cells must be replaced to flip.
+    A query with channel 0 = 1 on the three cells has margin ``3 - (0 - 2) = 5``; each cell swapped
+    for a reference cell with channel 1 = 1 lowers it by 2, so exactly the three cells must be
+    replaced to flip.
     """
 
     def __init__(self):
-        super().__init__()
-        weight = torch.zeros(3, C, H, W)
-        for r, c in S_CELLS:
-            weight[1, 0, r, c] = 1.0
-            weight[0, 1, r, c] = 1.0
-        self.weight = nn.Parameter(weight)
-        self.bias = nn.Parameter(torch.tensor([-2.0, 0.0, -10.0]))
-        self.dropout = nn.Dropout(0.5)
-        self.seen = 0
-
-    def forward(self, x):
-        self.seen += x.shape[0]
-        return torch.einsum("nchw,kchw->nk", self.dropout(x), self.weight) + self.bias
+        super().__init__(true_bias=-2.0)
 
 
 class MaxHead(nn.Module):
