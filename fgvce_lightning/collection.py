@@ -20,6 +20,8 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
+from .engine.bank import ring_slots
+
 __all__ = ["ParsedBatch", "parse_batch", "make_thumbnails", "MistakeBuffer", "ReferenceExtras"]
 
 _IMAGE_KEYS = ("image", "images", "x", "input", "inputs", "img", "pixel_values")
@@ -242,13 +244,12 @@ class ReferenceExtras:
         n = labels.shape[0]
         if n == 0:
             return
-        # rank of each row among the rows of its class in this batch, to give consecutive slots
-        onehot = F.one_hot(labels, self.num_classes)
-        rank_in_class = (onehot.cumsum(0) - 1).gather(1, labels[:, None]).squeeze(1)
-        pos = self.count[labels] + rank_in_class
-        slots = labels * self.capacity + pos % self.capacity
-        slots, rows = _dedupe_last(slots, torch.arange(n), self.num_classes * self.capacity)
-        self.count += onehot.sum(0)
+        # the same ring-buffer placement as the ReferenceBank, so both keep the same samples
+        keep, slot_in_class, per_class = ring_slots(labels, self.count % self.capacity,
+                                                    self.capacity)
+        rows = torch.arange(n)[keep]
+        slots = labels[keep] * self.capacity + slot_in_class
+        self.count += per_class
         self.ids.view(-1, self.ids.shape[-1])[slots] = ids[rows]
         for name, value in tensors.items():
             store = self._store.get(name)

@@ -70,3 +70,23 @@ def test_reference_extras_mirror_a_ring_buffer_and_find_ids():
     assert ex.lookup_id("thumb", (0, 0, 0)) is None
     assert ex.lookup_id("thumb", (0, 0, 3)).item() == 3
     assert ex.lookup("thumb", torch.tensor([1, 0]), ids[[3, 1]]) == [torch.tensor([3]), None]
+
+
+def test_reference_extras_keep_exactly_the_samples_the_bank_keeps():
+    from fgvce_lightning.collection import ReferenceExtras
+    from fgvce_lightning.engine.bank import ReferenceBank
+
+    gen = torch.Generator().manual_seed(0)
+    bank = ReferenceBank(3, 4, (2, 2, 2))
+    extras = ReferenceExtras(3, 4)
+    for batch in range(5):                       # batches with more than `capacity` of a class
+        labels = torch.randint(0, 3, (9,), generator=gen)
+        ids = torch.stack([torch.zeros(9), torch.full((9,), batch), torch.arange(9)], 1).long()
+        bank.add(torch.randn(9, 2, 2, 2, generator=gen), labels, ids)
+        extras.add(labels, ids, thumb=ids.float())
+    for c in range(3):
+        _, bank_ids = bank.get(c)
+        kept = {tuple(i) for i in bank_ids.tolist()}
+        assert kept == {tuple(i) for i in extras.ids[c].tolist() if i[0] >= 0}
+        for key in kept:                          # and every kept sample's extras are found
+            assert torch.equal(extras.lookup_id("thumb", key), torch.tensor(key).float())

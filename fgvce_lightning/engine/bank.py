@@ -31,6 +31,32 @@ def _check_feature_shape(feature_shape: Any) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+def ring_slots(labels: torch.Tensor, write: torch.Tensor, capacity: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where a batch goes in per-class ring buffers, as if its samples were added one by one.
+
+    Sample ``r`` of class ``c`` in the batch (stable order) goes to slot ``(write[c] + r) %
+    capacity``; only the last ``capacity`` samples of a class survive, on distinct slots.
+
+    Args:
+        labels: ``(B,)`` int64 classes.
+        write: ``(num_classes,)`` int64 next write position of every class.
+        capacity: slots per class.
+
+    Returns:
+        ``keep`` ``(B,)`` bool (the samples that survive), ``slots`` (one per kept sample) and
+        ``per_class`` ``(num_classes,)`` counts of the batch (advance ``write`` by them).
+    """
+    per_class = torch.bincount(labels, minlength=write.numel())
+    order = torch.argsort(labels, stable=True)
+    starts = torch.cumsum(per_class, 0) - per_class
+    rank = torch.empty_like(labels)
+    rank[order] = torch.arange(labels.numel(), device=labels.device) - starts[labels[order]]
+    keep = rank >= per_class[labels] - capacity
+    slots = (write[labels[keep]] + rank[keep]) % capacity
+    return keep, slots, per_class
+
+
 class ReferenceBank:
     """Per-class ring buffers of reference feature maps, preallocated on one device and dtype.
 
@@ -169,17 +195,8 @@ class ReferenceBank:
         if labels.numel() == 0:
             return rejected
 
-        # Rank of every sample among the samples of its class in this batch (stable order).
-        per_class = torch.bincount(labels, minlength=self._num_classes)
-        order = torch.argsort(labels, stable=True)
-        starts = torch.cumsum(per_class, 0) - per_class
-        rank = torch.empty_like(labels)
-        rank[order] = torch.arange(labels.numel(), device=self._device) - starts[labels[order]]
-        # Sequential semantics: sample r of class c goes to slot (write_c + r) % capacity; only
-        # the last `capacity` of them survive, and those land on distinct slots.
-        keep = rank >= per_class[labels] - self._capacity
-        labels, rank = labels[keep], rank[keep]
-        slots = (self._write[labels] + rank) % self._capacity
+        keep, slots, per_class = ring_slots(labels, self._write, self._capacity)
+        labels = labels[keep]
         self._features[labels, slots] = feats[keep]
         self._ids[labels, slots] = ids[keep]
         self._write = (self._write + per_class) % self._capacity
