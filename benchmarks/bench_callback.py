@@ -12,11 +12,20 @@ Same model (the demo SmallCNN, briefly trained), same SyntheticBirds validation 
 Prints a table and the ratios (collection-only and total), e.g.::
 
     python benchmarks/bench_callback.py --epochs 20 --max-samples 64
+
+``trainer.validate`` always explains synchronously. While *fitting*, the monitor explains in the
+background by default (a frozen copy of the model on a worker thread) so the next training epoch
+does not wait: step 4 (``--fit-epochs``, 0 to skip) trains the same seeded model three times — without the
+monitor, with it in the background, with it synchronous (``background=False``) — and prints the
+median validation-epoch time (from the first callback's epoch start, so it includes any wait for
+the previous epoch's background explanation, to the last callback's epoch end) and the median
+whole-epoch wall time (training + validation), each as a ratio to the run without the monitor.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -68,6 +77,88 @@ class _Stop(L.Callback):
         self.end = time.perf_counter()
 
 
+class _EpochClock(L.Callback):
+    """Validation-epoch time (first callback's start → last callback's end; needs a twin placed
+    after the monitor) and whole-epoch wall time (train epoch start → next train epoch start)."""
+
+    def __init__(self) -> None:
+        self.val_start, self.val, self.epoch_start, self.epochs = 0.0, [], None, []
+
+    @staticmethod
+    def _now() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        now = self._now()
+        if self.epoch_start is not None:
+            self.epochs.append(now - self.epoch_start)
+        self.epoch_start = now
+
+    def on_fit_end(self, trainer, pl_module):          # after the monitor's last wait
+        self.epochs.append(self._now() - self.epoch_start)
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self.val_start = self._now()
+
+
+class _EpochClockEnd(L.Callback):
+    def __init__(self, clock: _EpochClock) -> None:
+        self.clock = clock
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.clock.val.append(self.clock._now() - self.clock.val_start)
+
+
+def fit_benchmark(args, model, train, val, root: str, device: str) -> dict:
+    """Train copies of ``model`` without / with the monitor (background, synchronous)."""
+    med = statistics.median
+    out: dict = {}
+    weights = {}
+    shuffle_state = train.generator.get_state()
+    for name, background in (("without", None), ("background", True), ("synchronous", False)):
+        L.seed_everything(1, verbose=False)
+        train.generator.set_state(shuffle_state)            # the same batches in every run
+        clock = _EpochClock()
+        callbacks = [clock]
+        monitor = None
+        if background is not None:
+            monitor = CounterfactualMonitor(max_samples=args.max_samples, part_names=PART_NAMES,
+                                            report_html=args.report_html, log_images=args.log_images,
+                                            background=background,
+                                            report_dir=os.path.join(root, f"fit_{name}"))
+            callbacks.append(monitor)
+        callbacks.append(_EpochClockEnd(clock))
+        logger = TensorBoardLogger(root, name=f"fit_{name}")
+        trained = copy.deepcopy(model)
+        L.Trainer(max_epochs=args.fit_epochs, logger=logger, enable_checkpointing=True,
+                  accelerator=args.accelerator, devices=1, enable_progress_bar=False,
+                  enable_model_summary=False, default_root_dir=os.path.join(root, name),
+                  num_sanity_val_steps=0, callbacks=callbacks).fit(trained, train, val)
+        weights[name] = [p.detach().clone() for p in trained.parameters()]
+        out[name] = {"val_s": med(clock.val[1:]), "epoch_s": med(clock.epochs[1:]),
+                     "explained_epochs": monitor.num_explained_epochs if monitor else 0,
+                     "background_s": monitor.last_background_s if monitor else None}
+    same = all(all(torch.equal(a, b) for a, b in zip(weights["without"], weights[k]))
+               for k in ("background", "synchronous"))
+    base = out["without"]
+    print(f"\nfit: {args.fit_epochs} epochs, {args.num_train} training / {args.num_val} validation "
+          f"images, {args.max_samples} mistakes explained per epoch (medians over epochs 1..; "
+          f"weights identical in the three runs: {same})")
+    print(f"{'run':>12} {'val epoch s':>11} {'ratio':>6} {'whole epoch s':>13} {'ratio':>6} "
+          f"{'explained':>9} {'bg explain s':>12}")
+    for name, row in out.items():
+        row["val_ratio"] = row["val_s"] / base["val_s"]
+        row["epoch_ratio"] = row["epoch_s"] / base["epoch_s"]
+        bg = "" if row["background_s"] is None else f"{row['background_s']:.2f}"
+        print(f"{name:>12} {row['val_s']:>11.3f} {row['val_ratio']:>6.3f} {row['epoch_s']:>13.3f} "
+              f"{row['epoch_ratio']:>6.3f} {row['explained_epochs']:>9} {bg:>12}")
+    out["weights_identical"] = same
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20, help="validation epochs per setting")
@@ -80,6 +171,8 @@ def main() -> None:
     parser.add_argument("--log-images", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (1 avoids oversubscription on a busy machine)")
+    parser.add_argument("--fit-epochs", type=int, default=8,
+                        help="epochs of the fit comparison (step 4); 0 skips it")
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -150,6 +243,8 @@ def main() -> None:
     print(f"memory held by the monitor: {held[0] / 2 ** 20:.2f} MB → {held[-1] / 2 ** 20:.2f} MB; "
           f"RSS epoch 1 → {args.epochs - 1}: {numbers['rss_mb_second_last'][0]:.1f} → "
           f"{numbers['rss_mb_second_last'][1]:.1f} MB")
+    if args.fit_epochs > 0:
+        numbers["fit"] = fit_benchmark(args, model, train, val, root, device)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(numbers, f, indent=1)

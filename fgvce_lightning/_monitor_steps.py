@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 
     from .callback import CounterfactualMonitor
 
-__all__ = ["Stores", "search_local", "sync_prototypes", "make_samples", "gather", "build_result",
-           "publish", "summary"]
+__all__ = ["Stores", "RunInfo", "search_local", "sync_prototypes", "make_samples", "gather",
+           "build_result", "publish", "publish_panels", "log_scalars", "summary"]
 
 _PROTOTYPE_CELLS = 8192   # most bank feature maps' cells the part prototypes are fitted on per epoch
 
@@ -149,6 +149,28 @@ class Stores:
         return self.bank.memory_bytes + self.extras.memory_bytes + self.mistakes.memory_bytes
 
 
+@dataclass(frozen=True)
+class RunInfo:
+    """What the steps read from the trainer, frozen at the end of a validation epoch: a background
+    explanation must not see the epoch and step counters move on under it. It has the trainer's
+    attribute names, so the steps take either."""
+
+    current_epoch: int
+    global_step: int
+    global_rank: int
+    world_size: int
+    is_global_zero: bool
+    loggers: tuple = ()
+    strategy: Any = None
+
+    @classmethod
+    def of(cls, trainer: "pl.Trainer | RunInfo") -> "RunInfo":
+        return cls(current_epoch=int(trainer.current_epoch), global_step=int(trainer.global_step),
+                   global_rank=int(trainer.global_rank), world_size=_world(trainer),
+                   is_global_zero=bool(trainer.is_global_zero), loggers=tuple(trainer.loggers),
+                   strategy=trainer.strategy)
+
+
 @dataclass
 class LocalResult:
     """What one rank found: explanations of its kept mistakes (search order) and its failures."""
@@ -175,9 +197,13 @@ def _search_fn(strategy: str):
     return counterfactual_search
 
 
-def search_local(monitor: "CounterfactualMonitor", trainer: "pl.Trainer",
-                 pl_module: "pl.LightningModule") -> LocalResult:
-    """Explain this rank's kept mistakes in chunks, stopping at the time budget. Never raises."""
+def search_local(monitor: "CounterfactualMonitor", trainer: "pl.Trainer | RunInfo",
+                 module: torch.nn.Module, head: Any) -> LocalResult:
+    """Explain this rank's kept mistakes in chunks, stopping at the time budget. Never raises.
+
+    ``head`` is the split's head and ``module`` the model it belongs to (its training flags and
+    gradients are restored afterwards).
+    """
     out = LocalResult(num_misclassified=monitor._num_misclassified,
                       failures=list(monitor._collect_failures))
     store = monitor._store
@@ -191,8 +217,8 @@ def search_local(monitor: "CounterfactualMonitor", trainer: "pl.Trainer",
         generator = torch.Generator(device=device).manual_seed(monitor.seed + trainer.current_epoch)
         search = _search_fn(monitor.strategy)
         n, step = queries.shape[0], monitor.explain_batch_size
-        with preserved_training_flags(pl_module), preserved_rng_state([device]), \
-                _preserved_grads(pl_module), torch.no_grad():
+        with preserved_training_flags(module), preserved_rng_state([device]), \
+                _preserved_grads(module), torch.no_grad():
             for offset in range(0, n, step):
                 if (monitor.time_budget_s is not None and offset > 0
                         and time.perf_counter() - start > monitor.time_budget_s):
@@ -200,9 +226,8 @@ def search_local(monitor: "CounterfactualMonitor", trainer: "pl.Trainer",
                     break
                 q = queries[offset:offset + step].to(store.feature_dtype)
                 t, p = true[offset:offset + step].to(device), pred[offset:offset + step].to(device)
-                kwargs = {"generator": generator, "modules": (pl_module,)}
-                explanations = search(monitor._split.head, q, t, p, store.bank,
-                                      monitor.search_config, **kwargs)
+                kwargs = {"generator": generator, "modules": (module,)}
+                explanations = search(head, q, t, p, store.bank, monitor.search_config, **kwargs)
                 out.explanations.extend(dataclasses.replace(e, query_index=offset + e.query_index)
                                         for e in explanations)
     except Exception as err:  # noqa: BLE001 - an explanation failure never stops training
@@ -224,7 +249,7 @@ def _preserved_grads(module: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(requires)
 
 
-def _world(trainer: "pl.Trainer") -> int:
+def _world(trainer: "pl.Trainer | RunInfo") -> int:
     return int(getattr(trainer, "world_size", 1) or 1)
 
 
@@ -243,7 +268,7 @@ def _prototype_cells(monitor: "CounterfactualMonitor", bank: ReferenceBank) -> t
     return _part_channels(monitor, torch.cat(maps))
 
 
-def sync_prototypes(monitor: "CounterfactualMonitor", trainer: "pl.Trainer",
+def sync_prototypes(monitor: "CounterfactualMonitor", trainer: "pl.Trainer | RunInfo",
                     failures: list[str]) -> None:
     """Rank 0 refits the part prototypes on its bank; all ranks then share rank 0's prototypes.
 
@@ -277,7 +302,7 @@ def _parts_of(monitor: "CounterfactualMonitor", store: Stores) -> tuple[PartInfo
     return ()
 
 
-def make_samples(monitor: "CounterfactualMonitor", trainer: "pl.Trainer", local: LocalResult
+def make_samples(monitor: "CounterfactualMonitor", trainer: "pl.Trainer | RunInfo", local: LocalResult
                  ) -> tuple[list[ExplainedSample], tuple[PartInfo, ...]]:
     """Attach query ids, thumbnails, reference thumbnails and part names. Never raises."""
     store = monitor._store
@@ -336,7 +361,7 @@ def _prototype_reference_labels(monitor: "CounterfactualMonitor", store: Stores,
     return out
 
 
-def gather(trainer: "pl.Trainer", payload: dict[str, Any]) -> list[dict[str, Any]]:
+def gather(trainer: "pl.Trainer | RunInfo", payload: dict[str, Any]) -> list[dict[str, Any]]:
     """Every rank's payload (one ``all_gather_object`` under DDP; ``[payload]`` otherwise)."""
     if _world(trainer) <= 1 or not torch.distributed.is_available() \
             or not torch.distributed.is_initialized():
@@ -346,7 +371,7 @@ def gather(trainer: "pl.Trainer", payload: dict[str, Any]) -> list[dict[str, Any
     return [p for p in out if p is not None]
 
 
-def build_result(monitor: "CounterfactualMonitor", trainer: "pl.Trainer",
+def build_result(monitor: "CounterfactualMonitor", trainer: "pl.Trainer | RunInfo",
                  payloads: list[dict[str, Any]], epoch: int) -> EpochResult:
     """Merge the ranks' payloads into the epoch's :class:`EpochResult` (statistics included)."""
     samples = [s for p in payloads for s in p["samples"]]
@@ -372,7 +397,7 @@ def build_result(monitor: "CounterfactualMonitor", trainer: "pl.Trainer",
                        method=monitor.strategy)
 
 
-def payload_of(monitor: "CounterfactualMonitor", trainer: "pl.Trainer", local: LocalResult,
+def payload_of(monitor: "CounterfactualMonitor", trainer: "pl.Trainer | RunInfo", local: LocalResult,
                samples: list[ExplainedSample], parts: tuple[PartInfo, ...]) -> dict[str, Any]:
     """The picklable per-rank record that :func:`gather` exchanges."""
     store = monitor._store
@@ -420,33 +445,58 @@ def _log_prototype_strips(monitor: "CounterfactualMonitor", writer: Any, step: i
         writer.add_image(f"{monitor.prefix}/parts/{part.id}_{tag}", strip, step)
 
 
-def publish(monitor: "CounterfactualMonitor", trainer: "pl.Trainer", result: EpochResult) -> None:
-    """Rank 0: scalars to every logger, TensorBoard panels, the epoch report. Never raises."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from .reporting.export import write_epoch_report
+def log_scalars(monitor: "CounterfactualMonitor", trainer: "pl.Trainer | RunInfo",
+                result: EpochResult) -> None:
+    """Rank 0: the epoch's scalars to every logger (on the training thread: loggers are not
+    thread-safe). Never raises."""
     from .reporting.scalars import epoch_scalars
-    from .reporting.tensorboard import TensorBoardReporter
 
-    step = int(trainer.global_step)
     scalars = epoch_scalars(result, monitor.prefix)
     for logger in trainer.loggers:
         try:
-            logger.log_metrics(scalars, step=step)
-            if isinstance(logger, TensorBoardLogger):
-                reporter = monitor._reporters.get(id(logger))
-                if reporter is None:
-                    reporter = TensorBoardReporter(logger.experiment, prefix=monitor.prefix,
-                                                   max_images=monitor.log_images)
-                    monitor._reporters[id(logger)] = reporter
-                reporter.log_epoch(result, step, scalars=False)
-                _log_prototype_strips(monitor, logger.experiment, step)
+            logger.log_metrics(scalars, step=int(result.global_step))
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(f"CounterfactualMonitor: logging to {type(logger).__name__} failed: "
+                          f"{type(err).__name__}: {err}", RuntimeWarning, stacklevel=2)
+
+
+def publish_panels(monitor: "CounterfactualMonitor", trainer: "pl.Trainer | RunInfo",
+                   result: EpochResult) -> Optional[str]:
+    """Rank 0: TensorBoard images, figures, text and prototype strips, then the epoch report; the
+    report's path (``None`` when writing it failed). Safe on a background thread: TensorBoard's
+    ``SummaryWriter`` queues its events, and the report is written to fresh files. Never raises."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from .reporting.export import write_epoch_report
+    from .reporting.tensorboard import TensorBoardReporter
+
+    step = int(result.global_step)
+    for logger in trainer.loggers:
+        if not isinstance(logger, TensorBoardLogger):
+            continue
+        try:
+            reporter = monitor._reporters.get(id(logger))
+            if reporter is None:
+                reporter = TensorBoardReporter(logger.experiment, prefix=monitor.prefix,
+                                               max_images=monitor.log_images)
+                monitor._reporters[id(logger)] = reporter
+            reporter.log_epoch(result, step, scalars=False)
+            _log_prototype_strips(monitor, logger.experiment, step)
         except Exception as err:  # noqa: BLE001
             warnings.warn(f"CounterfactualMonitor: logging to {type(logger).__name__} failed: "
                           f"{type(err).__name__}: {err}", RuntimeWarning, stacklevel=2)
     try:
-        monitor.last_report = write_epoch_report(result, monitor._report_root,
-                                                 html=monitor.report_html)
+        return write_epoch_report(result, monitor._report_root, html=monitor.report_html)
     except Exception as err:  # noqa: BLE001
         warnings.warn(f"CounterfactualMonitor: writing the epoch report to {monitor._report_root} "
                       f"failed: {type(err).__name__}: {err}", RuntimeWarning, stacklevel=2)
+        return None
+
+
+def publish(monitor: "CounterfactualMonitor", trainer: "pl.Trainer | RunInfo",
+            result: EpochResult) -> None:
+    """Rank 0: scalars to every logger, TensorBoard panels, the epoch report. Never raises."""
+    log_scalars(monitor, trainer, result)
+    report = publish_panels(monitor, trainer, result)
+    if report is not None:
+        monitor.last_report = report

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
+import time
 import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -20,10 +22,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 
 from . import _monitor_steps as steps
+from ._background import BackgroundJob, FrozenModel
 from .collection import ParsedBatch, parse_batch
-from .engine._util import check_feature_map, preserved_rng_state, preserved_training_flags
+from .engine._util import (check_feature_map, global_rng_left_alone, preserved_rng_state,
+                           preserved_training_flags)
 from .engine.search import SearchConfig
 from .engine.split import WRAPPER_ATTRIBUTES, ModelSplit, locate_hook_module, split_model
 from .parts import PartHistory, PartPrototypes
@@ -83,6 +88,14 @@ class CounterfactualMonitor(Callback):
         explain_batch_size: queries searched together (the time budget is checked between them).
         seed: seed of the monitor's own random generators (the global RNG is never used).
         prefix: prefix of the logged scalar tags.
+        background: ``"auto"`` (default) or ``True``: while fitting on one process, explain on a
+            background thread (its own CUDA stream on a GPU) against a frozen copy of the model, so
+            the next training epoch does not wait for it; the epoch's scalars, history and
+            ``last_result`` arrive when the next validation epoch starts (or the fit ends), its
+            TensorBoard panels and report as soon as they are ready. Costs one copy of the model's
+            weights. ``False``: explain synchronously at the end of the validation epoch. Under DDP,
+            in ``trainer.validate`` and with an explicit ``head`` callable that is not an
+            ``nn.Module``, the explanation always runs synchronously.
         **search_options: :class:`SearchConfig` fields.
 
     Logged scalars (through ``log_metrics`` of every logger; ``P`` = ``prefix``): ``P/flip_rate``,
@@ -97,7 +110,9 @@ class CounterfactualMonitor(Callback):
     Under DDP every process explains its own share, statistics are gathered and rank 0 writes.
 
     ``state_dict`` keeps the epoch counter, the per-epoch history and the part prototypes; not the
-    reference bank (hundreds of MB; it is refilled by the next validation epoch anyway).
+    reference bank (hundreds of MB; it is refilled by the next validation epoch anyway). An epoch
+    still being explained in the background when a checkpoint is written is not in that
+    checkpoint's history (its report is written all the same).
     """
 
     def __init__(self, *, layer: Optional[str] = None, features: Optional[Callable] = None,
@@ -111,7 +126,7 @@ class CounterfactualMonitor(Callback):
                  part_source: str = "auto", part_names: Optional[Sequence[str]] = None,
                  num_parts: int = 8, class_names: Optional[Sequence[str]] = None, log_images: int = 8,
                  explain_batch_size: int = 16, seed: int = 0, prefix: str = "fgvce",
-                 **search_options: Any) -> None:
+                 background: bool | str = "auto", **search_options: Any) -> None:
         super().__init__()
         if (features is None) != (head is None):
             raise ValueError("Expected `features` and `head` to be given together (both callables) or "
@@ -172,6 +187,9 @@ class CounterfactualMonitor(Callback):
             raise ValueError(f"Expected `prefix` to be a non-empty string without leading or "
                              f"trailing '/', but got {prefix!r}.")
         self.prefix = prefix
+        if background not in ("auto", True, False):
+            raise ValueError(f"Expected `background` to be 'auto', True or False, but got {background!r}.")
+        self.background = background
 
         # run state (not in the checkpoint except where noted in state_dict)
         self._split: Optional[ModelSplit] = None
@@ -193,6 +211,12 @@ class CounterfactualMonitor(Callback):
         self.last_report: Optional[os.PathLike] = None
         self._num_misclassified = 0
         self._collect_failures: list[str] = []
+        self._job: Optional[BackgroundJob] = None
+        self._job_run: Optional[steps.RunInfo] = None
+        self.last_background_s: Optional[float] = None   # wall time of the last background epoch
+        self._frozen: Optional[FrozenModel] = None
+        self._frozen_error: Optional[str] = None    # why no frozen copy could be made (then synchronous)
+        self._proto_lock = threading.Lock()       # the prototypes, shared with a background job
         self._prototypes = PartPrototypes(num_parts=self.num_parts, seed=seed)
         if self.part_names is not None and part_source == "prototypes":
             self._prototypes.set_names(self.part_names)
@@ -236,10 +260,12 @@ class CounterfactualMonitor(Callback):
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         """Resolve the model split and the report directory (fails fast on a bad configuration)."""
+        self._finish_background()
         if self._split is not None and self._split_owner is pl_module:
             split = self._split            # again (e.g. repeated trainer.validate): keep the hook
         else:
             split = None
+            self._frozen, self._frozen_error = None, None
         try:
             self._split = split if split is not None else split_model(pl_module, **self.split_options)
         except (TypeError, ValueError, AttributeError, KeyError) as err:
@@ -261,14 +287,20 @@ class CounterfactualMonitor(Callback):
             log_dir if log_dir is not None else trainer.default_root_dir, "fgvce")
         self._report_root = root
 
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._finish_background()
+
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._remove_hook()
         self._active = False
+        self._finish_background()
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                      exception: BaseException) -> None:
         self._remove_hook()
         self._active = False
+        # the run is failing: give a background explanation a little time, then leave it behind
+        self._finish_background(timeout=30.0)
 
     def _should_explain(self, trainer: "pl.Trainer") -> bool:
         if trainer.sanity_checking:
@@ -279,6 +311,7 @@ class CounterfactualMonitor(Callback):
         return fn == TrainerFn.FITTING and trainer.current_epoch % self.every_n_epochs == 0
 
     def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._finish_background()          # the stores are about to be reused
         self._active = self._should_explain(trainer) or (trainer.sanity_checking and not self._checked)
         if self._reuse_logits:
             self._reuse_logits = None      # check the model's output against the head again
@@ -466,26 +499,122 @@ class CounterfactualMonitor(Callback):
 
     # ------------------------------------------------------------------ explanation
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        """Explain the kept mistakes, gather (DDP), compute statistics, log and report (rank 0)."""
+        """Explain the kept mistakes, gather (DDP), compute statistics, log and report (rank 0);
+        on a background thread when :meth:`_frozen_for` gives a frozen copy of the model."""
         self._remove_hook()
         self._active = False
         if not self._should_explain(trainer) or self._split is None:
             return
-        epoch = trainer.current_epoch
+        run = steps.RunInfo.of(trainer)
+        frozen = self._frozen_for(trainer, pl_module)
+        if frozen is not None:
+            self._job = BackgroundJob(lambda: self._explain_background(run, frozen),
+                                      device=self._store.bank.device if self._store else None)
+            self._job_run = run
+            return
         with torch.inference_mode(False):
-            local = steps.search_local(self, trainer, pl_module)
-            steps.sync_prototypes(self, trainer, local.failures)           # collective 1 (DDP)
-            samples, parts = steps.make_samples(self, trainer, local)
-            payload = steps.payload_of(self, trainer, local, samples, parts)
-            payloads = steps.gather(trainer, payload)                      # collective 2 (DDP)
-            result = steps.build_result(self, trainer, payloads, epoch)
+            local = steps.search_local(self, run, pl_module, self._split.head)
+            steps.sync_prototypes(self, run, local.failures)           # collective 1 (DDP)
+            samples, parts = steps.make_samples(self, run, local)
+            payload = steps.payload_of(self, run, local, samples, parts)
+            payloads = steps.gather(run, payload)                      # collective 2 (DDP)
+            result = steps.build_result(self, run, payloads, run.current_epoch)
+        self._record(run, result)
+        if run.is_global_zero:
+            steps.publish(self, run, result)
+
+    def _record(self, run: "steps.RunInfo", result: EpochResult) -> None:
         self.last_result = result
-        self.history.update(epoch, result.stats)
+        self.history.update(result.epoch, result.stats)
         self.summaries.append(steps.summary(result))
         self.num_explained_epochs += 1
         self.total_failures += len(result.failures)
-        if trainer.is_global_zero:
-            steps.publish(self, trainer, result)
+
+    # ------------------------------------------------------------------ background explanation
+    def _frozen_for(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Optional[FrozenModel]:
+        """The frozen copy of the model to explain against in the background (weights refreshed
+        from the live model), or ``None`` to explain synchronously."""
+        if self.background is False or trainer.state.fn != TrainerFn.FITTING:
+            return None
+        if int(getattr(trainer, "world_size", 1) or 1) > 1:
+            if self.background is True and self._frozen_error is None:
+                self._frozen_error = "DDP"
+                warnings.warn("CounterfactualMonitor(background=True): under DDP the explanation "
+                              "runs synchronously (its collectives must stay on the training "
+                              "thread).", RuntimeWarning, stacklevel=3)
+            return None
+        if self._frozen_error is not None or self._store is None or self._store.mistakes.size == 0:
+            return None
+        if self._frozen is not None and self._frozen.refresh():
+            return self._frozen
+        try:
+            with preserved_rng_state([pl_module.device]):   # splitting may run a probe forward
+                frozen = FrozenModel(pl_module, self.split_options, self._split)
+            self._check_frozen(frozen, pl_module)
+        except Exception as err:  # noqa: BLE001 - fall back to the synchronous path, say why once
+            self._frozen_error = f"{type(err).__name__}: {err}"
+            self._frozen = None
+            message = (f"CounterfactualMonitor: explaining synchronously at the end of each "
+                       f"validation epoch, not in the background: {err}.")
+            if self.background is True:
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
+            else:
+                rank_zero_info(message)
+            return None
+        self._frozen = frozen
+        return frozen
+
+    def _check_frozen(self, frozen: FrozenModel, pl_module: "pl.LightningModule") -> None:
+        """Raise unless the copy's head gives the live head's logits on two kept mistakes."""
+        feats = self._store.mistakes.get("features")[:2].to(self._store.feature_dtype)
+        with torch.inference_mode(False), torch.no_grad(), preserved_rng_state([feats.device]), \
+                preserved_training_flags(pl_module):
+            live = self._split.head(feats)
+            mine = frozen.split.head(feats)
+        if not (isinstance(mine, torch.Tensor) and mine.shape == live.shape
+                and torch.allclose(mine.float(), live.float(), rtol=1e-4, atol=1e-5)):
+            raise ValueError("the copied model's head does not reproduce the live head's logits")
+
+    def _explain_background(self, run: "steps.RunInfo", frozen: FrozenModel
+                            ) -> tuple[EpochResult, Optional[os.PathLike], float]:
+        """One epoch's explanation on the background thread (single process). Never touches the
+        live model, the global RNG or the loggers' scalar paths; never raises."""
+        start = time.perf_counter()
+        with global_rng_left_alone():
+            local = steps.search_local(self, run, frozen.module, frozen.split.head)
+            with self._proto_lock:
+                steps.sync_prototypes(self, run, local.failures)
+                samples, parts = steps.make_samples(self, run, local)
+            payload = steps.payload_of(self, run, local, samples, parts)
+            result = steps.build_result(self, run, [payload], run.current_epoch)
+            report = steps.publish_panels(self, run, result) if run.is_global_zero else None
+        return result, report, time.perf_counter() - start
+
+    def _finish_background(self, timeout: Optional[float] = None) -> None:
+        """Wait for the background explanation (at most ``timeout`` s) and, on the training
+        thread, log its scalars and add it to the history. Never raises."""
+        job, self._job = self._job, None
+        if job is None:
+            return
+        out = job.wait(timeout)
+        if out is None:
+            warnings.warn("CounterfactualMonitor: the background explanation did not finish in "
+                          f"{timeout:.0f} s; its epoch is left out of the history.", RuntimeWarning,
+                          stacklevel=2)
+            return
+        run = self._job_run
+        if isinstance(out, BaseException):
+            warnings.warn(f"CounterfactualMonitor: the background explanation of epoch "
+                          f"{run.current_epoch} failed: {type(out).__name__}: {out} (training "
+                          "continues).", RuntimeWarning, stacklevel=2)
+            self.total_failures += 1
+            return
+        result, report, self.last_background_s = out
+        self._record(run, result)
+        if run.is_global_zero:
+            steps.log_scalars(self, run, result)
+            if report is not None:
+                self.last_report = report
 
     # ------------------------------------------------------------------ state
     def __getstate__(self) -> dict[str, Any]:
@@ -499,14 +628,15 @@ class CounterfactualMonitor(Callback):
         state = self.__dict__.copy()
         state.update(_store=None, _hook_handle=None, _captured=None, _logit_handles=[],
                      _captured_logits=None, _reporters={}, _split=None,
-                     _split_owner=None, _locate_tried=False,
-                     _prototypes=protos)
+                     _split_owner=None, _locate_tried=False, _job=None, _frozen=None,
+                     _proto_lock=None, _prototypes=protos)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         protos = {k: torch.from_numpy(v) if hasattr(v, "__array__") else v
                   for k, v in state["_prototypes"].items()}
         self.__dict__.update(state)
+        self._proto_lock = threading.Lock()
         self._prototypes = PartPrototypes(num_parts=self.num_parts, seed=self.seed)
         self._prototypes.load_state_dict(protos)
 
@@ -516,13 +646,24 @@ class CounterfactualMonitor(Callback):
         return 0 if self._store is None else self._store.memory_bytes
 
     def state_dict(self) -> dict[str, Any]:
+        if self._job is not None and self._job.done():
+            self._finish_background()      # a finished background epoch belongs in the checkpoint
+        with self._proto_lock:
+            prototypes = self._prototypes.state_dict()
+        pending = []
+        if self._job is not None and self._job_run is not None and self._report_root is not None:
+            # still being explained: a resumed run reads it back from its report
+            pending.append({"epoch": self._job_run.current_epoch,
+                            "global_step": self._job_run.global_step,
+                            "report_root": os.path.abspath(self._report_root)})
         return {
             "version": _STATE_VERSION,
             "num_explained_epochs": self.num_explained_epochs,
             "total_failures": self.total_failures,
             "history": self.history.state_dict(),
             "summaries": [dict(s) for s in self.summaries],
-            "prototypes": self._prototypes.state_dict(),
+            "prototypes": prototypes,
+            "pending": pending,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -532,3 +673,45 @@ class CounterfactualMonitor(Callback):
         self.summaries = [dict(s) for s in state_dict.get("summaries", [])]
         if state_dict.get("prototypes") is not None:
             self._prototypes.load_state_dict(state_dict["prototypes"])
+        for pending in state_dict.get("pending", []):
+            self._recover_epoch(pending)
+
+    def _recover_epoch(self, pending: Mapping[str, Any]) -> None:
+        """Add an epoch that was still being explained in the background when the checkpoint was
+        written to the history, from the report it wrote; warn when there is none."""
+        import glob
+        import json
+
+        epoch, step = int(pending["epoch"]), int(pending["global_step"])
+        report = None
+        for path in sorted(glob.glob(os.path.join(glob.escape(str(pending["report_root"])),
+                                                  f"epoch_{epoch:03d}*", "report.json"))):
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    data = json.load(fh)
+            except (OSError, ValueError):
+                continue
+            if int(data.get("epoch", -1)) == epoch and int(data.get("global_step", -1)) == step:
+                report = data
+        if report is None:
+            warnings.warn(f"CounterfactualMonitor: epoch {epoch} was still being explained when the "
+                          f"checkpoint was written and no report of it (global step {step}) is in "
+                          f"{pending['report_root']}; the resumed history skips it.",
+                          RuntimeWarning, stacklevel=3)
+            return
+        nan = float("nan")
+        parts = {p["part"]: p for p in report.get("part_stats", [])}
+        self.history.set_record(epoch, parts)
+        self.summaries.append({
+            "epoch": epoch, "global_step": step,
+            "num_misclassified": int(report.get("num_misclassified", 0)),
+            "num_explained": int(report.get("num_explained", 0)),
+            "num_skipped": int(report.get("num_skipped", 0)),
+            "flip_rate": nan if report.get("flip_rate") is None else float(report["flip_rate"]),
+            "mean_edits": nan if report.get("mean_edits") is None else float(report["mean_edits"]),
+            "failures": len(report.get("failures", [])),
+            "elapsed_s": float(report.get("elapsed_s", 0.0)),
+            "part_error_share": {n: float(p["error_share"]) for n, p in parts.items()}})
+        self.summaries.sort(key=lambda s: s["epoch"])
+        self.num_explained_epochs += 1
+        self.total_failures += len(report.get("failures", []))

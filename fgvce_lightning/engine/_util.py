@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -14,6 +15,7 @@ __all__ = [
     "margin",
     "preserved_training_flags",
     "preserved_rng_state",
+    "global_rng_left_alone",
     "check_feature_map",
 ]
 
@@ -113,9 +115,30 @@ def preserved_training_flags(*modules: Optional[nn.Module], eval_mode: bool = Tr
             m.training = flag
 
 
+_rng_guard = threading.local()
+
+
+@contextlib.contextmanager
+def global_rng_left_alone() -> Iterator[None]:
+    """Make :func:`preserved_rng_state` a no-op on this thread, for code running beside the
+    training on another thread: restoring the global RNG from there would rewind the draws the
+    training made meanwhile. Code under it must not draw from the global RNG at all (the engine
+    draws from its own generators only; tests check that)."""
+    before = getattr(_rng_guard, "off", False)
+    _rng_guard.off = True
+    try:
+        yield
+    finally:
+        _rng_guard.off = before
+
+
 @contextlib.contextmanager
 def preserved_rng_state(devices: Optional[list[torch.device]] = None) -> Iterator[None]:
-    """Save the global CPU (and CUDA, for ``devices``) RNG state and restore it afterwards."""
+    """Save the global CPU (and CUDA, for ``devices``) RNG state and restore it afterwards
+    (nothing at all under :func:`global_rng_left_alone`)."""
+    if getattr(_rng_guard, "off", False):
+        yield
+        return
     cpu_state = torch.get_rng_state()
     cuda_states = []
     if torch.cuda.is_available():

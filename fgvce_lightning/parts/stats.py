@@ -161,6 +161,13 @@ class PartHistory:
                      float(p.contribution_share), "count": float(p.count)}
             for p in stats.part_stats}
 
+    def set_record(self, epoch: int, parts: Mapping[str, Mapping[str, float]]) -> None:
+        """Record ``{part: {"error_share", "contribution_share", "count"}}`` for ``epoch`` directly
+        (e.g. read back from an epoch report)."""
+        self._records[int(epoch)] = {
+            str(n): {k: float(v[k]) for k in ("error_share", "contribution_share", "count")}
+            for n, v in parts.items()}
+
     @property
     def epochs(self) -> list[int]:
         """Recorded epochs, ascending."""

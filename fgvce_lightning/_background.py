@@ -1,0 +1,148 @@
+"""Running an epoch's explanation off the training's critical path.
+
+:class:`FrozenModel` is a private copy of the model (weights refreshed in place each explained
+epoch) whose head the background search evaluates: the training keeps updating the live weights
+meanwhile, so the search must not read them. :class:`BackgroundJob` runs one epoch's work on a
+daemon thread (on its own CUDA stream on a GPU) and hands its result back to the training thread.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any, Callable, Optional
+
+import torch
+
+from .engine.split import ModelSplit, split_model
+
+__all__ = ["FrozenModel", "BackgroundJob"]
+
+
+def _strip_hooks(module: torch.nn.Module) -> None:
+    """Drop the hooks copied along with the model: a user's hook must not fire from our thread."""
+    for m in module.modules():
+        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                     "_backward_pre_hooks", "_forward_hooks_with_kwargs",
+                     "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+            hooks = getattr(m, name, None)
+            if hasattr(hooks, "clear"):
+                hooks.clear()
+
+
+def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = dict(module.named_parameters(remove_duplicate=False))
+    out.update(module.named_buffers(remove_duplicate=False))
+    return out
+
+
+class FrozenModel:
+    """A deep copy of ``module`` in eval mode without gradients, split like the live model.
+
+    Args:
+        module: the live model (a ``LightningModule`` drops its trainer when copied).
+        split_options: the ``layer``/``features``/``head`` options the live model was split with.
+            Explicit callables cannot be re-pointed at a copy unless the head is an ``nn.Module``.
+        live_split: the live model's split (its ``prefix_channels`` and hook are kept).
+
+    Raises:
+        ValueError: when the head cannot be copied (an explicit non-module head, a model that
+            does not deep-copy); the caller then explains synchronously.
+    """
+
+    def __init__(self, module: torch.nn.Module, split_options: dict[str, Any],
+                 live_split: ModelSplit) -> None:
+        head = split_options.get("head")
+        if head is not None:
+            if not isinstance(head, torch.nn.Module):
+                raise ValueError("the explicit `head` callable is not an nn.Module, so its weights "
+                                 "cannot be copied away from the training")
+            source: torch.nn.Module = head
+        else:
+            source = module
+        try:
+            frozen = copy.deepcopy(source)
+        except Exception as err:  # noqa: BLE001 - e.g. a compiled module or an uncopyable attribute
+            raise ValueError(f"the model could not be copied ({type(err).__name__}: {err})") from err
+        _strip_hooks(frozen)
+        frozen.eval()
+        frozen.requires_grad_(False)
+        if head is not None:
+            split = ModelSplit(live_split.features, frozen, None, live_split.description + " (frozen copy)",
+                               prefix_channels=live_split.prefix_channels)
+        else:
+            split = split_model(frozen, **split_options)
+            if split.prefix_channels != live_split.prefix_channels:
+                raise ValueError("the copy's split differs from the live model's")
+        live, mine = _tensors(source), _tensors(frozen)
+        if list(live) != list(mine):
+            raise ValueError("the copy's parameters and buffers differ from the live model's")
+        self.module = frozen
+        self.split = split
+        self._pairs = [(mine[k], live[k]) for k in live]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the copy's parameters and buffers."""
+        seen: set[int] = set()
+        total = 0
+        for t, _ in self._pairs:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+    def refresh(self) -> bool:
+        """Copy the live weights and buffers in place; ``False`` when their shapes, dtypes or
+        devices changed (build a new copy then)."""
+        for mine, live in self._pairs:
+            if mine.shape != live.shape or mine.dtype != live.dtype or mine.device != live.device:
+                return False
+        with torch.no_grad():
+            for mine, live in self._pairs:
+                mine.copy_(live)
+        return True
+
+
+class BackgroundJob:
+    """Run ``fn()`` on a daemon thread; :meth:`wait` returns its result (``fn`` must not raise:
+    an exception that escapes anyway is returned as the result so the caller can count it).
+
+    On a CUDA ``device`` the thread works on its own stream, after the work the training queued
+    so far on the current stream (the inputs it reads), and synchronises that stream before
+    reporting done.
+    """
+
+    def __init__(self, fn: Callable[[], Any], device: Optional[torch.device] = None,
+                 name: str = "fgvce-explain") -> None:
+        self._result: Any = None
+        self._fn = fn
+        self._stream = None
+        self._ready = None
+        if device is not None and torch.device(device).type == "cuda":
+            device = torch.device(device)
+            self._stream = torch.cuda.Stream(device=device)
+            self._ready = torch.cuda.Event()
+            self._ready.record(torch.cuda.current_stream(device))
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            if self._stream is not None:
+                with torch.cuda.stream(self._stream):
+                    self._stream.wait_event(self._ready)
+                    self._result = self._fn()
+                self._stream.synchronize()
+            else:
+                self._result = self._fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the training thread, never raised here
+            self._result = err
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: Optional[float] = None) -> Any:
+        """Block until the job ends (or ``timeout`` seconds pass: then ``None``)."""
+        self._thread.join(timeout)
+        return None if self._thread.is_alive() else self._result

@@ -1,0 +1,164 @@
+"""The monitor's background explanation: same results as the synchronous path, a frozen copy of the
+model, no global RNG draws, fallbacks, and resuming from a checkpoint written mid-explanation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from _callback_fixtures import TinyClassifier, loaders
+from fgvce_lightning import _monitor_steps as steps
+from fgvce_lightning._background import BackgroundJob, FrozenModel
+from fgvce_lightning.callback import CounterfactualMonitor
+from fgvce_lightning.engine.split import split_model
+
+FAST = dict(enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+            num_sanity_val_steps=1, logger=False, enable_checkpointing=False)
+
+
+def _fit(tmp_path, max_epochs=2, **kwargs):
+    L.seed_everything(7)
+    train, val = loaders()
+    kwargs.setdefault("max_samples", 6)
+    monitor = CounterfactualMonitor(log_images=0, report_html=False, report_dir=tmp_path / "r",
+                                    **kwargs)
+    model = TinyClassifier()
+    L.Trainer(max_epochs=max_epochs, callbacks=[monitor], default_root_dir=tmp_path,
+              **FAST).fit(model, train, val)
+    return monitor, model
+
+
+def _edits(root: Path) -> list:
+    out = []
+    for path in sorted(root.glob("epoch_*/report.json")):
+        report = json.loads(path.read_text())
+        out.append([((s["batch_idx"], s["position"]), s["edits"], s["success"], s["p_true_before"])
+                    for s in report["samples"]])
+    return out
+
+
+def test_background_explains_the_same_as_synchronous(tmp_path):
+    bg, bg_model = _fit(tmp_path / "bg")
+    sync, sync_model = _fit(tmp_path / "sync", background=False)
+    assert bg._frozen is not None and bg.last_background_s is not None   # really in the background
+    assert sync._frozen is None and sync.last_background_s is None
+    assert bg.num_explained_epochs == sync.num_explained_epochs == 2
+    assert bg.history.epochs == sync.history.epochs == [0, 1]
+    drop = ("elapsed_s",)
+    assert [{k: v for k, v in s.items() if k not in drop} for s in bg.summaries] == \
+        [{k: v for k, v in s.items() if k not in drop} for s in sync.summaries]
+    assert _edits(tmp_path / "bg" / "r") == _edits(tmp_path / "sync" / "r")
+    assert any(e for epoch in _edits(tmp_path / "bg" / "r") for e in epoch)
+    for a, b in zip(bg_model.parameters(), sync_model.parameters()):   # training untouched
+        assert torch.equal(a, b)
+
+
+def test_background_path_draws_nothing_from_the_global_rng(tmp_path):
+    monitor, model = _fit(tmp_path, max_epochs=1)
+    assert monitor._store is not None and monitor._store.mistakes.size > 0
+    run = steps.RunInfo(current_epoch=5, global_step=9, global_rank=0, world_size=1,
+                        is_global_zero=True)
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    result, report, _ = monitor._explain_background(run, monitor._frozen)   # on this thread
+    assert torch.equal(before, torch.get_rng_state())
+    assert result.stats.num_explained > 0 and report is not None
+
+
+def test_frozen_model_is_a_copy_refreshed_in_place():
+    L.seed_everything(0)
+    live = TinyClassifier()
+    split = split_model(live)
+    handle = live.net.fc.register_forward_hook(lambda *a: (_ for _ in ()).throw(AssertionError))
+    frozen = FrozenModel(live, {"layer": None, "features": None, "head": None}, split)
+    handle.remove()
+    feats = torch.randn(3, 8, 4, 4)
+    with torch.no_grad():
+        live.eval()
+        expected = split.head(feats)
+        assert torch.equal(frozen.split.head(feats), expected)         # the user's hook is not copied
+        assert not any(p.requires_grad for p in frozen.module.parameters())
+        assert frozen.nbytes == sum(t.numel() * 4 for t in live.state_dict().values()
+                                    if t.dtype == torch.float32) + 8     # + BN's int64 counter
+        for p in live.parameters():
+            p.add_(1.0)                                                  # training goes on
+        assert torch.equal(frozen.split.head(feats), expected)
+        assert frozen.refresh()
+        assert torch.equal(frozen.split.head(feats), split.head(feats))
+
+
+def test_frozen_model_refuses_a_plain_callable_head():
+    live = TinyClassifier()
+    split = split_model(live, features=live.net.forward_features, head=live.net.forward_head)
+    with pytest.raises(ValueError, match="not an nn.Module"):
+        FrozenModel(live, {"features": live.net.forward_features, "head": live.net.forward_head},
+                    split)
+
+
+def test_callable_head_falls_back_to_synchronous_with_a_warning(tmp_path):
+    # background=True asks for it, so not getting it is a warning (with 'auto' only an info line)
+    L.seed_everything(7)
+    train, val = loaders()
+    model = TinyClassifier()
+    monitor = CounterfactualMonitor(features=model.net.forward_features, head=model.net.forward_head,
+                                    max_samples=4, log_images=0, report_html=False,
+                                    report_dir=tmp_path / "r", background=True)
+    with pytest.warns(RuntimeWarning, match="synchronously"):
+        L.Trainer(max_epochs=2, callbacks=[monitor], default_root_dir=tmp_path,
+                  **FAST).fit(model, train, val)
+    assert monitor.num_explained_epochs == 2 and monitor._frozen is None
+
+
+def test_background_job_returns_result_or_exception():
+    assert BackgroundJob(lambda: 41 + 1).wait() == 42
+    err = BackgroundJob(lambda: 1 / 0).wait()
+    assert isinstance(err, ZeroDivisionError)
+
+
+def test_job_that_escapes_with_an_exception_is_counted_not_raised(tmp_path, monkeypatch):
+    def boom(self, run, frozen):
+        raise RuntimeError("worker died")
+    monkeypatch.setattr(CounterfactualMonitor, "_explain_background", boom)
+    with pytest.warns(RuntimeWarning, match="worker died"):
+        monitor, _ = _fit(tmp_path)
+    # epoch 0 died in the worker: counted, not in the history; training went on to epoch 1
+    assert monitor.total_failures == 1 and 0 not in monitor.history.epochs
+    assert [s["epoch"] for s in monitor.summaries] == [1]
+
+
+def test_checkpoint_written_during_background_explanation_resumes_from_the_report(tmp_path):
+    L.seed_everything(0)
+    train, val = loaders()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = CounterfactualMonitor(max_samples=6, log_images=0, report_html=False,
+                                  report_dir=tmp_path / "r")
+    L.Trainer(max_epochs=1, callbacks=[first, ckpt], default_root_dir=tmp_path,
+              **{**FAST, "enable_checkpointing": True}).fit(TinyClassifier(), train, val)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
+    state = next(v for k, v in saved.items() if "CounterfactualMonitor" in k)
+    # the checkpoint was written right after validation, while epoch 0 was being explained
+    assert [p["epoch"] for p in state["pending"]] == [0] and state["history"]["records"] == {}
+
+    resumed = CounterfactualMonitor()
+    resumed.load_state_dict(state)
+    assert resumed.history.epochs == [0] and resumed.num_explained_epochs == 1
+    assert resumed.history.as_dict() == first.history.as_dict()
+    want = {k: v for k, v in first.summaries[0].items() if k != "elapsed_s"}
+    got = {k: v for k, v in resumed.summaries[0].items() if k != "elapsed_s"}
+    assert got.keys() == want.keys()
+    for k in want:
+        same_nan = isinstance(want[k], float) and math.isnan(want[k]) and math.isnan(got[k])
+        assert same_nan or got[k] == pytest.approx(want[k]), k
+
+    for report in (tmp_path / "r").glob("epoch_*/report.json"):
+        report.unlink()                                  # the report is gone: say so, keep going
+    with pytest.warns(RuntimeWarning, match="no report of it"):
+        lost = CounterfactualMonitor()
+        lost.load_state_dict(state)
+    assert lost.history.epochs == [] and lost.num_explained_epochs == 0
