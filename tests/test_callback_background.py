@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -119,6 +121,15 @@ def test_background_job_returns_result_or_exception():
     assert BackgroundJob(lambda: 41 + 1).wait() == 42
     err = BackgroundJob(lambda: 1 / 0).wait()
     assert isinstance(err, ZeroDivisionError)
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="thread priorities are a Linux feature")
+def test_background_job_runs_at_lower_priority_than_the_caller():
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    mine = nice()
+    assert BackgroundJob(nice).wait() == min(19, mine + 10)
+    assert nice() == mine                                  # the training thread is untouched
 
 
 def test_job_that_escapes_with_an_exception_is_counted_not_raised(tmp_path, monkeypatch):
