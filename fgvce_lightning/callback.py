@@ -5,7 +5,8 @@ During validation a forward hook on the split point captures the feature maps th
 classified samples fill a per-class reference bank, mistakes a reservoir sample. At the end of
 every ``every_n_epochs``-th validation epoch the monitor explains up to ``max_samples`` mistakes
 with the counterfactual search, labels the edited cells with parts, aggregates per-part error
-statistics, logs them and writes an epoch report.
+statistics, logs them and writes an epoch report. While fitting on one process this runs on a
+background thread against a frozen copy of the model (``background="auto"``), so training goes on.
 """
 
 from __future__ import annotations
