@@ -181,7 +181,7 @@ def main() -> None:
 
     L.seed_everything(0, verbose=False)
     train, val = make_dataloaders(args.num_train, args.num_val, batch_size=args.batch_size, seed=0)
-    model = DemoClassifier(num_classes=8)
+    model = DemoClassifier(num_classes=8, width=16)                # the demo's network
     root = tempfile.mkdtemp(prefix="bench_callback_")
     common = dict(accelerator=args.accelerator, devices=1, enable_progress_bar=False,
                   enable_model_summary=False, default_root_dir=root)

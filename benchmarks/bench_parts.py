@@ -13,7 +13,7 @@ Trains the demo :class:`~fgvce_lightning.demo.DemoClassifier` on :class:`Synthet
    ground-truth part masks (a cell's part = the label covering most of it, background included),
    with per-part best-cluster precision / recall.
 
-    python benchmarks/bench_parts.py                  # about 3-6 minutes on 2 busy CPU cores
+    python benchmarks/bench_parts.py                  # about 2-4 minutes on 2 busy CPU cores
     python benchmarks/bench_parts.py --epochs 3 --max-queries 32
 """
 
@@ -37,7 +37,7 @@ from fgvce_lightning.parts import PartPrototypes
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs (default: 10, the demo's)")
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--num-val", type=int, default=500)
     parser.add_argument("--max-queries", type=int, default=64)

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train SmallCNN on SyntheticBirds for a few epochs with the "
                     "CounterfactualMonitor on, then print where the TensorBoard logs and the "
                     "reports are.")
-    demo.add_argument("--epochs", type=positive_int, default=3, help="training epochs (default: 3)")
+    demo.add_argument("--epochs", type=positive_int, default=10, help="training epochs (default: 10)")
     demo.add_argument("--output-dir", default="runs/fgvce-demo",
                       help="where logs, checkpoints and reports go (default: runs/fgvce-demo)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_demo(epochs: int = 3, output_dir: str | os.PathLike = "runs/fgvce-demo", seed: int = 0,
+def run_demo(epochs: int = 10, output_dir: str | os.PathLike = "runs/fgvce-demo", seed: int = 0,
              max_samples: int = 32, accelerator: str = "cpu", num_train: int = 2000,
              num_val: int = 500, progress: bool = True) -> dict[str, Optional[Path]]:
     """Train the demo with the monitor and return where its outputs are.

@@ -9,7 +9,10 @@ of one correctly classified reference of class ``true``, make the head predict `
 3. local Shapley contributions of every query cell (``absent`` = its best candidate match);
 4. regions grown from the contribution map, one reference per region;
 5. all queries in lock-step apply their next region, one head call per step, until they flip;
-6. minimality pass: drop edits the flip does not need, then recompute the trajectory.
+6. minimality pass: drop edits the flip does not need;
+7. trim: rank the edited cells by the margin lost when each alone is restored and keep the
+   shortest prefix of that ranking that still flips (background cells that a region grown from
+   the contribution map swept in go); then recompute the trajectory.
 
 Loops run over steps only; every step is one batched (chunked) head call for all queries.
 """
@@ -75,25 +78,32 @@ class SearchConfig:
         region_order: how the regions to swap are ranked: ``"contribution"`` (local Shapley,
             FG-VCE), or the evaluation baselines ``"gradcam"`` (Grad-CAM of ``pred`` over
             ``true`` at the feature map) and ``"random"`` (random cell scores).
+        trim: after the search (and the minimality pass), refine the flipped queries' edits cell
+            by cell: rank the edited cells by how much the true-class margin drops when that cell
+            alone is restored (one batched call over all edited cells), then keep the smallest
+            prefix of that ranking that still flips (one batched call over all prefixes). Edits
+            keep their regions' order and lose the cells the flip does not need (an edit left
+            empty is dropped); costs about two evaluations per edited cell.
     """
 
     window: int = 3
     num_samples: int = 2
     antithetic: bool = True
-    candidate_fraction: float = 0.25
+    candidate_fraction: float = 0.1
     max_edits: int = 8
     minimality: bool = True
     chunk_size: int = 1024
     seed: int = 0
     num_classes: Optional[int] = None
     region_threshold: float = 0.5
-    max_region_size: Optional[int] = None
+    max_region_size: Optional[int] = 4
     max_offset: Optional[int] = None
     reference_lookahead: int = 4
     rigid_matching: bool = True
     max_shift: Optional[int] = 2
     protected_channels: int = 0
     region_order: str = "contribution"
+    trim: bool = True
 
     def __post_init__(self) -> None:
         for name in ("window", "num_samples", "max_edits", "chunk_size", "reference_lookahead"):
@@ -418,23 +428,96 @@ def _search(head: Head, b: _Batch, config: SearchConfig, generator: torch.Genera
     kept = (torch.arange(r_max, device=device)[None] < applied[:, None])      # (M, R)
 
     # 6. minimality: drop, one per iteration and query, the edit whose removal keeps the flip
+    changed = torch.zeros(m, dtype=torch.bool, device=device)
     if config.minimality:
         kept, changed = _minimality_pass(head, b, config, kept, success, regions, edited)
-        if bool(changed.any()):
-            traj_t, traj_p, final = _replay(head, b, config, kept, changed, regions, edited,
-                                            traj_t, traj_p, final)
-            success = torch.where(changed, final == b.true, success)
+    # 7. trim: keep the smallest prefix of the edited cells, ranked by their single-cell effect,
+    #    that still flips; then the edits the trimmed flip no longer needs go too
+    cell_keep = None
+    if config.trim:
+        cell_keep, trimmed = _trim_pass(head, b, config, kept, success, regions, edited)
+        kept = kept & _region_nonempty(cell_keep, regions, r_max)
+        if config.minimality and bool(trimmed.any()):
+            again, dropped = _minimality_pass(head, b, config, kept, success & trimmed, regions,
+                                              edited, cell_keep)
+            kept = again
+            trimmed = trimmed | dropped
+        changed = changed | trimmed
+    if bool(changed.any()):
+        traj_t, traj_p, final = _replay(head, b, config, kept, changed, regions, edited,
+                                        traj_t, traj_p, final, cell_keep)
+        success = torch.where(changed, final == b.true, success)
     return _explanations(b, kept, traj_t, traj_p, final, success, regions, region_ref,
-                         cell_match, cell_sim, values, METHOD_NAMES[config.region_order])
+                         cell_match, cell_sim, values, METHOD_NAMES[config.region_order],
+                         cell_keep)
+
+
+def _region_nonempty(cell_keep: torch.Tensor, regions: torch.Tensor, r_max: int) -> torch.Tensor:
+    """``(M, R)`` bool: whether region ``r`` still has a kept cell."""
+    out = torch.zeros(regions.shape[0], r_max, dtype=torch.long, device=regions.device)
+    out.scatter_add_(1, regions, cell_keep.long())
+    return out > 0
+
+
+def _trim_pass(head: Head, b: _Batch, config: SearchConfig, kept: torch.Tensor,
+               success: torch.Tensor, regions: torch.Tensor, edited
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cell-level refinement of the flipped queries' edits (two batched head calls).
+
+    1. Every edited cell of every flipped query is restored on its own (the rest of the edits
+       applied): the lower the true-class margin without it, the more the flip needs it.
+    2. The cells ranked that way, every proper prefix is evaluated; the shortest that still
+       predicts ``true`` is kept (all cells when none does).
+
+    Returns ``cell_keep`` ``(M, HW)`` bool (the edited cells to keep; for queries that are not
+    trimmed, all cells of their kept regions) and which queries lost cells ``(M,)``.
+    """
+    m, hw = regions.shape
+    device = regions.device
+    cells = kept.gather(1, regions)                                       # (M, HW) edited cells
+    n_cells = cells.sum(1)
+    trimmed = torch.zeros(m, dtype=torch.bool, device=device)
+    open_ = success & (n_cells >= 2)
+    if not bool(open_.any()):
+        return cells, trimmed
+    # 1. single-cell restores, one variant per edited cell of every open query
+    q, u = (cells & open_[:, None]).nonzero(as_tuple=True)
+    variant = cells[q].clone()
+    variant[torch.arange(q.numel(), device=device), u] = False
+    _, _, _, tm = _evaluate(head, edited(q, variant), b.true[q], b.pred[q], config, b.num_classes)
+    b.evals += torch.bincount(q, minlength=m)
+    restored = torch.full((m, hw), float("inf"), device=device)
+    restored[q, u] = tm
+    order = restored.argsort(dim=1, stable=True)          # most needed first; unedited cells last
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(hw, device=device).expand(m, hw))
+    # 2. every proper prefix (1 .. n - 1 cells) of every open query
+    rows = open_.nonzero().squeeze(1)
+    sizes = n_cells[rows] - 1                                             # prefixes per query
+    pq = rows.repeat_interleave(sizes)
+    starts = torch.cumsum(sizes, 0) - sizes
+    k = torch.arange(pq.numel(), device=device) - starts.repeat_interleave(sizes) + 1
+    prefix = rank[pq] < k[:, None]
+    _, _, am, _ = _evaluate(head, edited(pq, prefix), b.true[pq], b.pred[pq], config,
+                            b.num_classes)
+    b.evals += torch.bincount(pq, minlength=m)
+    shortest = n_cells.clone()
+    flipped = am == b.true[pq]
+    shortest.scatter_reduce_(0, pq[flipped], k[flipped], reduce="amin")
+    trimmed = shortest < n_cells
+    cell_keep = cells & ((rank < shortest[:, None]) | ~open_[:, None])
+    return cell_keep, trimmed
 
 
 def _minimality_pass(head: Head, b: _Batch, config: SearchConfig, kept: torch.Tensor,
-                     success: torch.Tensor, regions: torch.Tensor, edited
+                     success: torch.Tensor, regions: torch.Tensor, edited,
+                     cell_keep: Optional[torch.Tensor] = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Repeatedly drop the kept edit whose single revert keeps the flip with the largest margin.
 
     All single-revert variants of all successful queries are evaluated in one batched call per
-    iteration. Returns the new ``kept`` mask ``(M, R)`` and which queries changed ``(M,)``.
+    iteration; an edit applies only its cells in ``cell_keep`` ``(M, HW)`` when given. Returns
+    the new ``kept`` mask ``(M, R)`` and which queries changed ``(M,)``.
     """
     m, r_max = kept.shape
     kept = kept.clone()
@@ -445,6 +528,8 @@ def _minimality_pass(head: Head, b: _Batch, config: SearchConfig, kept: torch.Te
         variant = kept[q].clone()
         variant[torch.arange(q.numel(), device=q.device), r] = False
         cell_mask = variant.gather(1, regions[q])
+        if cell_keep is not None:
+            cell_mask = cell_mask & cell_keep[q]
         _, _, am, tm = _evaluate(head, edited(q, cell_mask), b.true[q], b.pred[q], config,
                                 b.num_classes)
         b.evals += torch.bincount(q, minlength=m)
@@ -460,15 +545,18 @@ def _minimality_pass(head: Head, b: _Batch, config: SearchConfig, kept: torch.Te
 
 def _replay(head: Head, b: _Batch, config: SearchConfig, kept: torch.Tensor,
             changed: torch.Tensor, regions: torch.Tensor, edited, traj_t: torch.Tensor,
-            traj_p: torch.Tensor, final: torch.Tensor
+            traj_p: torch.Tensor, final: torch.Tensor, cell_keep: Optional[torch.Tensor] = None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Recompute the trajectory of the kept edits (in order) for the queries that changed."""
+    """Recompute the trajectory of the kept edits (in order) for the queries that changed; an
+    edit applies only its cells in ``cell_keep`` ``(M, HW)`` when given."""
     traj_t, traj_p, final = traj_t.clone(), traj_p.clone(), final.clone()
     traj_t[changed] = float("nan")
     traj_p[changed] = float("nan")
     order = torch.cumsum(kept.long(), 1) - 1                              # rank among kept
     order = torch.where(kept, order, torch.full_like(order, kept.shape[1]))
     cell_rank = order.gather(1, regions)                                  # (M, HW)
+    if cell_keep is not None:
+        cell_rank = cell_rank.masked_fill(~cell_keep, kept.shape[1])
     num_kept = kept.sum(1)
     for s in range(int(num_kept[changed].max())):
         idx = (changed & (num_kept > s)).nonzero().squeeze(1)
@@ -482,12 +570,15 @@ def _replay(head: Head, b: _Batch, config: SearchConfig, kept: torch.Tensor,
 def _explanations(b: _Batch, kept: torch.Tensor, traj_t: torch.Tensor, traj_p: torch.Tensor,
                   final: torch.Tensor, success: torch.Tensor, regions: torch.Tensor,
                   region_ref: torch.Tensor, cell_match: torch.Tensor, cell_sim: torch.Tensor,
-                  values: torch.Tensor, method: str = "fgvce") -> list[Explanation]:
+                  values: torch.Tensor, method: str = "fgvce",
+                  cell_keep: Optional[torch.Tensor] = None) -> list[Explanation]:
     """Assemble the frozen results (CPU, python scalars) in the caller's order."""
     m, hw = regions.shape
     h, w = b.query.shape[2:]
+    if cell_keep is None:
+        cell_keep = torch.ones_like(regions, dtype=torch.bool)
     cpu = {k: v.detach().cpu() for k, v in dict(
-        kept=kept, traj_t=traj_t, traj_p=traj_p, final=final, success=success, regions=regions,
+        cell_keep=cell_keep, kept=kept, traj_t=traj_t, traj_p=traj_p, final=final, success=success, regions=regions,
         region_ref=region_ref, cell_match=cell_match, cell_sim=cell_sim,
         values=values.reshape(m, hw).float(), index=b.index, true=b.true, pred=b.pred,
         p_true=b.p_true, p_pred=b.p_pred, ref_ids=b.ref_ids, evals=b.evals).items()}
@@ -496,7 +587,7 @@ def _explanations(b: _Batch, kept: torch.Tensor, traj_t: torch.Tensor, traj_p: t
         reg = cpu["regions"][i]
         edits = []
         for step, r in enumerate(cpu["kept"][i].nonzero().squeeze(1).tolist()):
-            cells = (reg == r).nonzero().squeeze(1)
+            cells = ((reg == r) & cpu["cell_keep"][i]).nonzero().squeeze(1)
             k = int(cpu["region_ref"][i, r])
             matched = cpu["cell_match"][i, cells]
             edits.append(Edit(

@@ -98,8 +98,8 @@ def test_minimality_pass_drops_the_unneeded_edit():
     q[0, :, 0, 3] = torch.tensor([0.0, -1.0, 0.0, 0.0])
     bank = _make_bank((MaxHead.A, MaxHead.B, MaxHead.D))
     t, p = torch.tensor([0]), torch.tensor([1])
-    full = counterfactual_search(MaxHead(), q, t, p, bank, SearchConfig(candidate_fraction=0.15,
-                                                                       minimality=False))[0]
+    full = counterfactual_search(MaxHead(), q, t, p, bank, SearchConfig(
+        candidate_fraction=0.15, minimality=False, trim=False))[0]
     assert full.success and full.edits[0].query_cells == (MaxHead.D,)
     assert set(full.edited_cells) >= {MaxHead.A, MaxHead.B, MaxHead.D}
     res = counterfactual_search(MaxHead(), q, t, p, bank, SearchConfig(candidate_fraction=0.15))[0]
@@ -142,6 +142,56 @@ def _apply(query, edits, refs):
         for (qr, qc), (rr, rc) in zip(e.query_cells, e.reference_cells):
             out[:, qr, qc] = refs[e.reference_slot][:, rr, rc]
     return out
+
+
+def test_trim_keeps_exactly_the_cells_the_flip_needs():
+    """One region covers the whole grid (threshold 0, no size cap), so the search swaps all 16
+    cells at once; only the three S_CELLS move the additive head (2 each, margin 5), so the trim
+    must keep exactly them, as one edit, with a trajectory that matches the head."""
+    head = CellLinearHead()
+    q, t, p = _linear_problem(n=3, seed=4)
+    bank = _make_bank(S_CELLS)
+    one_region = {"candidate_fraction": 0.15, "region_threshold": 0.0, "max_region_size": H * W}
+    (full,) = counterfactual_search(head, q[:1], t[:1], p[:1], bank,
+                                    SearchConfig(**one_region, trim=False))
+    assert full.success and full.num_edits == 1 and len(full.edited_cells) == H * W
+    head.seen = 0
+    (single,) = counterfactual_search(head, q[:1], t[:1], p[:1], bank, SearchConfig(**one_region))
+    assert single.head_evaluations == head.seen              # every map the head saw is counted
+    # the trim costs one evaluation per edited cell and one per proper prefix, plus the replay
+    assert single.head_evaluations == full.head_evaluations + (H * W) + (H * W - 1) + 1
+    results = counterfactual_search(head, q, t, p, bank, SearchConfig(**one_region))
+    assert results[0] == single
+    refs, _ = bank.get(0)
+    for res in results:
+        assert res.success and res.num_edits == 1
+        assert sorted(res.edited_cells) == sorted(S_CELLS)
+        edit = res.edits[0]
+        assert len(edit.reference_cells) == len(edit.query_cells)
+        assert all(cell in S_CELLS for cell in edit.reference_cells)
+        assert edit.contribution == pytest.approx(6.0, abs=1e-4)   # 2 per kept cell
+        assert res.regions.unique().numel() == 1                    # the partition is unchanged
+        x = _apply(q[res.query_index], res.edits, refs)
+        with torch.no_grad():
+            probs = head.eval()(x[None]).softmax(1)[0]
+        assert int(probs.argmax()) == res.final_pred == 0
+        assert probs[0].item() == pytest.approx(edit.p_true_after, abs=1e-5)
+        assert probs[1].item() == pytest.approx(edit.p_pred_after, abs=1e-5)
+
+
+def test_trim_keeps_the_shortest_flipping_prefix():
+    """With true-class bias 0 two of the three S_CELLS flip (margin 3, each swap -2): the trim
+    keeps two of them, and the single edit still flips."""
+    head = _CellHead(true_bias=0.0)
+    q, t, p = _linear_problem()
+    bank = _make_bank(S_CELLS)
+    cfg = SearchConfig(candidate_fraction=0.15, region_threshold=0.0, max_region_size=H * W)
+    (res,) = counterfactual_search(head, q, t, p, bank, cfg)
+    assert res.success and res.num_edits == 1
+    assert len(res.edited_cells) == 2 and set(res.edited_cells) <= set(S_CELLS)
+    (untrimmed,) = counterfactual_search(head, q, t, p, bank,
+                                         SearchConfig(**{**cfg.__dict__, "trim": False}))
+    assert len(untrimmed.edited_cells) == H * W
 
 
 def test_edits_reproduce_the_flip_and_are_one_minimal():
@@ -237,8 +287,10 @@ def test_non_differentiable_head_falls_back_to_all_cells():
     (with_grad,) = counterfactual_search(head, q, t, p, bank, CFG)
     assert all(c in S_CELLS for e in with_grad.edits for c in e.reference_cells)
     # without gradients every reference cell is a candidate: the search still runs, and matches
-    # (cosine ties between orthogonal cells) now come from outside the evidence cells
-    (res,) = counterfactual_search(detached, q, t, p, bank, CFG)
+    # (cosine ties between orthogonal cells) now come from outside the evidence cells (the trim
+    # would drop those useless swaps again, so it is off here)
+    (res,) = counterfactual_search(detached, q, t, p, bank,
+                                   SearchConfig(candidate_fraction=0.15, trim=False))
     assert not res.skipped and res.num_edits >= 1
     assert any(c not in S_CELLS for e in res.edits for c in e.reference_cells)
     assert all(prm.grad is None for prm in head.parameters())
