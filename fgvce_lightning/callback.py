@@ -11,13 +11,14 @@ background thread against a frozen copy of the model (``background="auto"``), so
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import threading
 import time
 import warnings
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -50,6 +51,14 @@ def _positive_int(value: Any, name: str, allow_none: bool = False) -> Optional[i
         raise ValueError(f"Expected `{name}` to be a positive integer{' or None' if allow_none else ''}, "
                          f"but got {value!r}.")
     return value
+
+
+@contextlib.contextmanager
+def _model_call(module: torch.nn.Module) -> Iterator[None]:
+    """Run (part of) the user's model during collection: training flags as they are, the global
+    RNG restored afterwards (a head with dropout in train mode would draw from it)."""
+    with preserved_training_flags(module, eval_mode=False), preserved_rng_state([module.device]):
+        yield
 
 
 class CounterfactualMonitor(Callback):
@@ -371,7 +380,9 @@ class CounterfactualMonitor(Callback):
         if not self._active:
             return
         try:
-            with torch.inference_mode(False), torch.no_grad(), preserved_rng_state([pl_module.device]):
+            # the global RNG is guarded where the model runs (`_model_call`); the stores draw
+            # from their own generators
+            with torch.inference_mode(False), torch.no_grad():
                 self._collect(trainer, pl_module, batch, captured, batch_idx, dataloader_idx,
                               captured_logits)
             self._checked = True
@@ -397,7 +408,7 @@ class CounterfactualMonitor(Callback):
         if usable and self._reuse_logits:
             logits = captured_logits
         if logits is None:
-            with preserved_training_flags(pl_module, eval_mode=False):
+            with _model_call(pl_module):
                 logits = self._split.head(feats)
             if usable and self._reuse_logits is None and isinstance(logits, torch.Tensor):
                 # checked once per epoch: reuse the model's own output only where it is head(F)
@@ -452,7 +463,7 @@ class CounterfactualMonitor(Callback):
         b = parsed.images.shape[0]
         hooked = self._split.tap_module is not None   # a hook was registered for this batch
         if not self._locate_tried:
-            with preserved_training_flags(pl_module, eval_mode=False):
+            with _model_call(pl_module):
                 self._locate_hook(pl_module, parsed.images)
         if captured is None or captured.dim() != 4 or captured.shape[0] != b:
             if captured is not None:
@@ -465,7 +476,7 @@ class CounterfactualMonitor(Callback):
                               "`validation_step`; recomputing the features with a second forward "
                               "pass.", RuntimeWarning, stacklevel=3)
                 self._fallback_warned = True
-            with preserved_training_flags(pl_module, eval_mode=False):
+            with _model_call(pl_module):
                 captured = self._split.features(parsed.images.to(pl_module.device))
         feats = check_feature_map(captured, "features").detach()
         return feats
