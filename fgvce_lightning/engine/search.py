@@ -84,6 +84,15 @@ class SearchConfig:
             prefix of that ranking that still flips (one batched call over all prefixes). Edits
             keep their regions' order and lose the cells the flip does not need (an edit left
             empty is dropped); costs about two evaluations per edited cell.
+        taylor_lookahead: also offer, at every step, the region's swaps from the ``T``
+            references with the largest first-order gain: with ``g`` the gradient of
+            ``logit_true - logit_pred`` at the query (one gradient pass per query), replacing query
+            cell ``u`` by reference cell ``v`` gains about ``g_u · (r_v - q_u)``; every cell takes
+            its reference's cell of largest gain (any cell, as the greedy baseline's swaps) and the
+            references are ranked by the region's summed gain. It is the linearisation of the
+            greedy baseline's criterion, so it copies the reference cells that carry the evidence
+            (the parts) rather than the most similar ones. ``0`` disables it; costs ``T``
+            evaluations per step and one gradient pass per query.
     """
 
     window: int = 3
@@ -104,12 +113,17 @@ class SearchConfig:
     protected_channels: int = 0
     region_order: str = "contribution"
     trim: bool = True
+    taylor_lookahead: int = 4
 
     def __post_init__(self) -> None:
         for name in ("window", "num_samples", "max_edits", "chunk_size", "reference_lookahead"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Expected `{name}` to be a positive integer, but got {value!r}.")
+        if (isinstance(self.taylor_lookahead, bool) or not isinstance(self.taylor_lookahead, int)
+                or self.taylor_lookahead < 0):
+            raise ValueError(f"Expected `taylor_lookahead` to be a non-negative integer, but got "
+                             f"{self.taylor_lookahead!r}.")
         if self.window % 2 == 0:
             raise ValueError(f"Expected `window` to be odd (a k×k window centred on the cell), but "
                              f"got {self.window}.")
@@ -322,6 +336,18 @@ def _search(head: Head, b: _Batch, config: SearchConfig, generator: torch.Genera
     top_cell = best_cell.gather(2, top_ref[:, :, None]).squeeze(2)
     refs_flat = b.refs.flatten(3)                                        # (M, K, C, HW)
     qflat = b.query.reshape(m, c, hw)
+    t_gain = t_cell = None
+    if config.taylor_lookahead:
+        grad_q = _margin_gradient(head, b.query, b.true, b.pred, config.chunk_size)
+        b.evals += 1
+        if grad_q is not None:
+            gq = grad_q[:, :cs].reshape(m, cs, hw)
+            k_refs = refs_flat.shape[1]
+            rr = refs_flat[:, :, :cs].permute(0, 2, 1, 3).reshape(m, cs, k_refs * hw)
+            gain = torch.bmm(gq.transpose(1, 2), rr).view(m, hw, k_refs, hw)
+            gain = gain - (gq * qflat[:, :cs]).sum(1)[:, :, None, None]
+            gain = gain.masked_fill(~b.valid[:, None, :, None], float("-inf"))
+            t_gain, t_cell = gain.max(3)                                   # (M, HW, K)
     absent = refs_flat[rows[:, None], top_ref, :, top_cell].transpose(1, 2)   # (M, C, HW)
     absent[:, cs:] = qflat[:, cs:]
     absent = absent.reshape(m, c, h, w)
@@ -358,6 +384,11 @@ def _search(head: Head, b: _Batch, config: SearchConfig, generator: torch.Genera
         num_off = source.shape[0]
         look_rigid = min(config.reference_lookahead, rigid.shape[2])
     cell_ids = torch.arange(hw, device=device)
+    look_taylor = 0
+    if t_gain is not None and config.taylor_lookahead:
+        t_scores = region_reference_scores(t_gain, regions, r_max)        # (M, R, K)
+        look_taylor = min(config.taylor_lookahead, num_refs)
+        t_top, t_ref = t_scores.topk(look_taylor, dim=2)                   # (M, R, Lt)
 
     def candidates_at(idx: torch.Tensor, t: int
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -367,16 +398,24 @@ def _search(head: Head, b: _Batch, config: SearchConfig, generator: torch.Genera
         expand = refs_c[:, None, :].expand(a, hw, look)
         match_c = best_cell[idx].gather(2, expand)                       # (A, HW, L)
         sim_c = best_sim[idx].gather(2, expand)
-        if not config.rigid_matching:
-            return refs_c, look_ok[idx, t], match_c, sim_c
-        score_r, flat = rigid[idx, t].topk(look_rigid, dim=1)            # (A, Lr)
-        refs_r, off_r = flat // num_off, flat % num_off
-        match_r = source[off_r].transpose(1, 2)                          # (A, HW, Lr)
-        sim_r = rigid_sim[idx[:, None, None], off_r[:, None, :], refs_r[:, None, :],
-                          cell_ids[None, :, None]]                       # (A, HW, Lr)
-        return (torch.cat([refs_c, refs_r], 1), torch.cat([look_ok[idx, t],
-                torch.isfinite(score_r)], 1), torch.cat([match_c, match_r], 2),
-                torch.cat([sim_c, sim_r], 2))
+        parts = [(refs_c, look_ok[idx, t], match_c, sim_c)]
+        if config.rigid_matching:
+            score_r, flat = rigid[idx, t].topk(look_rigid, dim=1)        # (A, Lr)
+            refs_r, off_r = flat // num_off, flat % num_off
+            match_r = source[off_r].transpose(1, 2)                      # (A, HW, Lr)
+            sim_r = rigid_sim[idx[:, None, None], off_r[:, None, :], refs_r[:, None, :],
+                              cell_ids[None, :, None]]                   # (A, HW, Lr)
+            parts.append((refs_r, torch.isfinite(score_r), match_r, sim_r))
+        if look_taylor:
+            refs_t = t_ref[idx, t]                                       # (A, Lt)
+            match_t = t_cell[idx].gather(2, refs_t[:, None, :].expand(a, hw, look_taylor))
+            sim_t = similarity[idx[:, None, None], cell_ids[None, :, None], refs_t[:, None, :],
+                               match_t]                                  # (A, HW, Lt)
+            parts.append((refs_t, torch.isfinite(t_top[idx, t]), match_t, sim_t))
+        if len(parts) == 1:
+            return parts[0]
+        return (torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1),
+                torch.cat([p[2] for p in parts], 2), torch.cat([p[3] for p in parts], 2))
     repl = refs_flat[rows[:, None], cell_ref, :, cell_match].transpose(1, 2)   # (M, C, HW)
     repl[:, cs:] = qflat[:, cs:]
 
@@ -450,6 +489,26 @@ def _search(head: Head, b: _Batch, config: SearchConfig, generator: torch.Genera
     return _explanations(b, kept, traj_t, traj_p, final, success, regions, region_ref,
                          cell_match, cell_sim, values, METHOD_NAMES[config.region_order],
                          cell_keep)
+
+
+def _margin_gradient(head: Head, x: torch.Tensor, true: torch.Tensor, pred: torch.Tensor,
+                     chunk_size: int) -> Optional[torch.Tensor]:
+    """Gradient of ``logit_true - logit_pred`` at ``x`` (``None`` if not differentiable)."""
+    out = []
+    with torch.inference_mode(False), torch.enable_grad():
+        true, pred = true.clone(), pred.clone()
+        for start in range(0, x.shape[0], chunk_size):
+            xi = x[start:start + chunk_size].float().clone().requires_grad_(True)
+            t, p = true[start:start + chunk_size], pred[start:start + chunk_size]
+            logits = head(xi)
+            s = logits.gather(1, t[:, None]) - logits.gather(1, p[:, None])
+            try:
+                (g,) = torch.autograd.grad(s.sum(), (xi,))
+            except RuntimeError:
+                return None
+            out.append(g.detach().float())
+    grad = torch.cat(out)
+    return grad if bool(torch.isfinite(grad).all()) else None
 
 
 def _region_nonempty(cell_keep: torch.Tensor, regions: torch.Tensor, r_max: int) -> torch.Tensor:

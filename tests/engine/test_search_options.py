@@ -59,7 +59,7 @@ def test_lookahead_keeps_the_reference_that_moves_the_prediction_most():
     head = ConvHead()
     queries, true, pred, bank = _problem(head)
     cfg = SearchConfig(candidate_fraction=1.0, reference_lookahead=K * 10, minimality=False, trim=False,
-                       max_edits=1, rigid_matching=False)
+                       max_edits=1, rigid_matching=False, taylor_lookahead=0)
     results = counterfactual_search(head, queries, true, pred, bank, cfg)
     checked = 0
     for ex in results:
@@ -85,7 +85,7 @@ def test_rigid_candidates_compete_with_cosine_ones():
     head = ConvHead(seed=1)
     queries, true, pred, bank = _problem(head, seed=1)
     cfg = SearchConfig(candidate_fraction=1.0, reference_lookahead=200, minimality=False, trim=False,
-                       max_edits=1, rigid_matching=True, max_shift=1)
+                       max_edits=1, rigid_matching=True, max_shift=1, taylor_lookahead=0)
     results = counterfactual_search(head, queries, true, pred, bank, cfg)
     checked = 0
     for ex in results:
