@@ -328,3 +328,50 @@ def test_errors():
         SearchConfig(candidate_fraction=0.0)
     with pytest.raises(ValueError, match="odd"):
         SearchConfig(window=4)
+
+
+# ---------------------------------------------------------------------------- first-order lookahead
+def _decoy_problem():
+    """The true class's evidence sits in reference cells that look nothing like the query's
+    cells, while look-alike "decoy" cells carry too little of it to flip the prediction.
+
+    Query: channel 0 = 1 on ``S_CELLS`` (class 1, the mistake: logit 3 vs the truth's bias 1).
+    Reference of class 0: decoys (0.5, 0, 0, 0.2) on ``S_CELLS`` (cosine 0.93 to the query cells;
+    swapping all three still leaves class 1 ahead, 1.5 vs 1) and evidence (0, 2, 0, 0) in cell
+    (0, 0) (cosine 0; one copy onto an S cell flips: class 0 gets 3, class 1 drops to 2).
+    """
+    head = _CellHead(true_bias=1.0).eval()
+    query = torch.zeros(1, C, H, W)
+    ref = torch.zeros(1, C, H, W)
+    for r, c in S_CELLS:
+        query[0, 0, r, c] = 1.0
+        ref[0, 0, r, c], ref[0, 3, r, c] = 0.5, 0.2
+    ref[0, 1, 0, 0] = 2.0
+    bank = ReferenceBank(3, 2, (C, H, W))
+    bank.add(ref, torch.tensor([0]), torch.tensor([[0, 0, 7]]))
+    return head, query, bank
+
+
+def test_first_order_candidates_find_evidence_that_similarity_misses():
+    head, query, bank = _decoy_problem()
+    true, pred = torch.tensor([0]), torch.tensor([1])
+    base = dict(candidate_fraction=1.0, rigid_matching=False, reference_lookahead=1, seed=0)
+    without = counterfactual_search(head, query, true, pred, bank,
+                                    SearchConfig(taylor_lookahead=0, **base))[0]
+    assert not without.skipped and not without.success        # the look-alikes cannot flip it
+    onto_s = [rc for e in without.edits for qc, rc in zip(e.query_cells, e.reference_cells)
+              if qc in S_CELLS]
+    assert onto_s and all(rc in S_CELLS for rc in onto_s)   # the S cells only got decoys
+
+    found = counterfactual_search(head, query, true, pred, bank,
+                                  SearchConfig(taylor_lookahead=1, **base))[0]
+    assert found.success and found.final_pred == 0
+    assert found.num_edits == 1 and len(found.edits[0].query_cells) == 1   # one copy is enough
+    assert found.edits[0].reference_cells == ((0, 0),)                     # the evidence cell
+    assert found.edits[0].query_cells[0] in S_CELLS
+
+
+def test_taylor_lookahead_must_be_a_non_negative_integer():
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="taylor_lookahead"):
+            SearchConfig(taylor_lookahead=bad)
