@@ -23,6 +23,7 @@ __all__ = [
     "assign_region_references",
     "region_reference_scores",
     "gradcam_scores",
+    "margin_gradient",
     "rigid_region_scores",
     "cell_similarity",
 ]
@@ -266,22 +267,39 @@ def gradcam_scores(head: Head, query: torch.Tensor, true: torch.Tensor, pred: to
     Returns:
         ``(N, H, W)`` float32 (zeros where the head is not differentiable).
     """
+    grad = margin_gradient(head, query, true, pred, chunk_size=chunk_size)
+    if grad is None:
+        return torch.zeros(query.shape[0], *query.shape[2:], device=query.device)
+    # Grad-CAM explains the mistake: the gradient of logit_pred - logit_true, i.e. -grad
+    weights = -grad[:, :channels].mean((2, 3), keepdim=True)
+    return torch.relu((weights * query.detach().float()[:, :channels]).sum(1)).float()
+
+
+def margin_gradient(head: Head, x: torch.Tensor, true: torch.Tensor, pred: torch.Tensor, *,
+                    chunk_size: int = 1024) -> Optional[torch.Tensor]:
+    """Gradient of ``logit_true - logit_pred`` with respect to the feature maps ``x (N, C, H, W)``.
+
+    Taken in chunks of ``chunk_size`` maps with :func:`torch.autograd.grad` on a float32 clone of
+    the input (parameters' ``.grad`` untouched), with autograd re-enabled even under
+    ``torch.inference_mode()``.
+
+    Returns:
+        ``(N, C, H, W)`` float32, or ``None`` when the head is not differentiable.
+    """
     out = []
     with torch.inference_mode(False), torch.enable_grad():
         true, pred = true.clone(), pred.clone()
-        for start in range(0, query.shape[0], chunk_size):
-            x = query[start:start + chunk_size].float().clone().requires_grad_(True)
+        for start in range(0, x.shape[0], chunk_size):
+            xi = x[start:start + chunk_size].float().clone().requires_grad_(True)
             t, p = true[start:start + chunk_size], pred[start:start + chunk_size]
-            logits = head(x)
-            s = logits.gather(1, p[:, None]) - logits.gather(1, t[:, None])
+            logits = head(xi)
+            s = logits.gather(1, t[:, None]) - logits.gather(1, p[:, None])
             try:
-                (grad,) = torch.autograd.grad(s.sum(), (x,))
-            except RuntimeError:
-                out.append(torch.zeros(x.shape[0], *x.shape[2:], device=x.device))
-                continue
-            weights = grad.detach()[:, :channels].mean((2, 3), keepdim=True)
-            out.append(torch.relu((weights * x.detach()[:, :channels]).sum(1)).float())
-    return torch.cat(out) if out else torch.zeros(0, *query.shape[2:], device=query.device)
+                (g,) = torch.autograd.grad(s.sum(), (xi,))
+            except RuntimeError:  # not differentiable (e.g. the head detaches its output)
+                return None
+            out.append(g.detach().float())
+    return torch.cat(out) if out else torch.zeros_like(x, dtype=torch.float32)
 
 
 def rigid_region_scores(query: torch.Tensor, references: torch.Tensor, valid: torch.Tensor,

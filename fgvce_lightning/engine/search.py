@@ -28,9 +28,9 @@ from torch import nn
 from ._util import (Head, check_feature_map, evaluate_head, preserved_rng_state,
                     preserved_training_flags)
 from .bank import ReferenceBank
-from .candidates import (assign_region_references, cell_similarity, gradcam_scores, match_cells,
-                         reference_cell_scores, region_reference_scores, rigid_region_scores,
-                         select_candidates)
+from .candidates import (assign_region_references, cell_similarity, gradcam_scores,
+                         margin_gradient, match_cells, reference_cell_scores,
+                         region_reference_scores, rigid_region_scores, select_candidates)
 from .contributions import local_shapley
 from .partition import grow_regions
 from .results import Edit, Explanation
@@ -338,9 +338,9 @@ def _search(head: Head, b: _Batch, config: SearchConfig, generator: torch.Genera
     qflat = b.query.reshape(m, c, hw)
     t_gain = t_cell = None
     if config.taylor_lookahead:
-        grad_q = _margin_gradient(head, b.query, b.true, b.pred, config.chunk_size)
+        grad_q = margin_gradient(head, b.query, b.true, b.pred, chunk_size=config.chunk_size)
         b.evals += 1
-        if grad_q is not None:
+        if grad_q is not None and bool(torch.isfinite(grad_q).all()):
             gq = grad_q[:, :cs].reshape(m, cs, hw)
             k_refs = refs_flat.shape[1]
             rr = refs_flat[:, :, :cs].permute(0, 2, 1, 3).reshape(m, cs, k_refs * hw)
@@ -489,26 +489,6 @@ def _search(head: Head, b: _Batch, config: SearchConfig, generator: torch.Genera
     return _explanations(b, kept, traj_t, traj_p, final, success, regions, region_ref,
                          cell_match, cell_sim, values, METHOD_NAMES[config.region_order],
                          cell_keep)
-
-
-def _margin_gradient(head: Head, x: torch.Tensor, true: torch.Tensor, pred: torch.Tensor,
-                     chunk_size: int) -> Optional[torch.Tensor]:
-    """Gradient of ``logit_true - logit_pred`` at ``x`` (``None`` if not differentiable)."""
-    out = []
-    with torch.inference_mode(False), torch.enable_grad():
-        true, pred = true.clone(), pred.clone()
-        for start in range(0, x.shape[0], chunk_size):
-            xi = x[start:start + chunk_size].float().clone().requires_grad_(True)
-            t, p = true[start:start + chunk_size], pred[start:start + chunk_size]
-            logits = head(xi)
-            s = logits.gather(1, t[:, None]) - logits.gather(1, p[:, None])
-            try:
-                (g,) = torch.autograd.grad(s.sum(), (xi,))
-            except RuntimeError:
-                return None
-            out.append(g.detach().float())
-    grad = torch.cat(out)
-    return grad if bool(torch.isfinite(grad).all()) else None
 
 
 def _region_nonempty(cell_keep: torch.Tensor, regions: torch.Tensor, r_max: int) -> torch.Tensor:
