@@ -53,6 +53,7 @@ def _reports(root: Path) -> dict[str, dict]:
     ({"time_budget_s": -1}, "time_budget_s"),
     ({"features": lambda x: x}, "`features` and `head`"),
     ({"window": 2}, "window"),
+    ({"background": "yes"}, r"`background` to be 'auto', True or False"),
 ])
 def test_invalid_configuration_fails_in_init(kwargs, match):
     with pytest.raises(ValueError, match=match):
