@@ -211,9 +211,9 @@ def _collect(split: ModelSplit, loader: Iterable, bank_per_class: int, device: t
 
 def _absent(head: Any, bank: ReferenceBank, queries: torch.Tensor, true: torch.Tensor,
             pred: torch.Tensor, config: SearchConfig) -> torch.Tensor:
-    """What each query cell becomes when "absent": its most cosine-similar *candidate* cell (the
-    ``candidate_fraction`` of reference cells with most evidence for ``true`` over ``pred``) among
-    the bank's maps of its true class, exactly as the FG-VCE search defines it. The same maps serve
+    """What each query cell becomes when "absent": its most cosine-similar cell among the
+    ``absent_fraction`` of reference cells with most evidence for ``true`` over ``pred`` (by default
+    all) in the bank's maps of its true class, exactly as the FG-VCE search defines it. The same maps serve
     every ranking, so their AUCs compare the rankings only."""
     n, c, h, w = queries.shape
     refs, _, valid = bank.gather(true.to(bank.device))
@@ -221,7 +221,7 @@ def _absent(head: Any, bank: ReferenceBank, queries: torch.Tensor, true: torch.T
     if refs.shape[1] == 0:
         return queries.clone()
     scores = reference_cell_scores(head, refs, valid, true, pred, chunk_size=config.chunk_size)
-    cand = select_candidates(scores, valid, config.candidate_fraction, (h, w))
+    cand = select_candidates(scores, valid, config.absent_fraction, (h, w))
     best_sim, best_cell = match_cells(queries, refs, cand, config.max_offset)    # (N, HW, K)
     top_ref = best_sim.argmax(2)
     top_cell = best_cell.gather(2, top_ref[:, :, None]).squeeze(2)

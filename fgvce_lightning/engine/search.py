@@ -6,7 +6,8 @@ of one correctly classified reference of class ``true``, make the head predict `
 
 1. references of class ``true`` from the :class:`~fgvce_lightning.engine.bank.ReferenceBank`;
 2. candidate reference cells: the top ``candidate_fraction`` by gradient × input evidence;
-3. local Shapley contributions of every query cell (``absent`` = its best candidate match);
+3. local Shapley contributions of every query cell (``absent`` = its most similar reference cell,
+   among the top ``absent_fraction`` of cells by evidence: by default any);
 4. regions grown from the contribution map, one reference per region;
 5. all queries in lock-step apply their next region, one head call per step, until they flip;
 6. minimality pass: drop edits the flip does not need;
@@ -93,6 +94,15 @@ class SearchConfig:
             greedy baseline's criterion, so it copies the reference cells that carry the evidence
             (the parts) rather than the most similar ones. ``0`` disables it; costs ``T``
             evaluations per step and one gradient pass per query.
+        absent_fraction: the Shapley baseline: a query cell that is "absent" from a coalition is
+            replaced by its most cosine-similar cell among this share of the reference cells (the
+            top by evidence, as ``candidate_fraction``). ``1.0`` (default): any cell of any
+            reference of the true class, the smallest change that makes the cell look like the
+            true class, so a cell's value measures how much its *difference* from the true class
+            matters and the ranking points at the query's deviating part. With a small share the
+            baseline is always an evidence cell, and since pasting evidence almost anywhere helps
+            a pooled head, the ranking spreads over cells that carry no deviating part (measured
+            in the README's Parts section). Swaps still use ``candidate_fraction``.
     """
 
     window: int = 3
@@ -114,6 +124,7 @@ class SearchConfig:
     region_order: str = "contribution"
     trim: bool = True
     taylor_lookahead: int = 4
+    absent_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("window", "num_samples", "max_edits", "chunk_size", "reference_lookahead"):
@@ -127,9 +138,10 @@ class SearchConfig:
         if self.window % 2 == 0:
             raise ValueError(f"Expected `window` to be odd (a k×k window centred on the cell), but "
                              f"got {self.window}.")
-        if not 0.0 < float(self.candidate_fraction) <= 1.0:
-            raise ValueError(f"Expected `candidate_fraction` to be in (0, 1], but got "
-                             f"{self.candidate_fraction!r}.")
+        for name in ("candidate_fraction", "absent_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                raise ValueError(f"Expected `{name}` to be in (0, 1], but got {value!r}.")
         if self.max_offset is not None and (isinstance(self.max_offset, bool)
                                             or not isinstance(self.max_offset, int)
                                             or self.max_offset < 0):
@@ -326,14 +338,20 @@ def _search(head: Head, b: _Batch, config: SearchConfig, generator: torch.Genera
     b.evals += b.valid.sum(1)
     cand = select_candidates(scores, b.valid, config.candidate_fraction, (h, w))
 
-    # 3. matching and the cell ranking (absent = best candidate over all references)
+    # 3. matching and the cell ranking (absent = the most similar cell among the
+    #    `absent_fraction` of reference cells, over all references)
     unit_q = torch.nn.functional.normalize(b.query[:, :cs], dim=1)     # cosine: normalise once
     unit_r = torch.nn.functional.normalize(b.refs[:, :, :cs], dim=2)
     similarity = cell_similarity(unit_q, unit_r, normalized=True)        # (M, HW, K, HW)
     best_sim, best_cell = match_cells(unit_q, unit_r, cand, config.max_offset,
                                       similarity=similarity)             # (M, HW, K)
-    top_ref = best_sim.argmax(2)                                         # (M, HW)
-    top_cell = best_cell.gather(2, top_ref[:, :, None]).squeeze(2)
+    absent_sim, absent_cell = best_sim, best_cell
+    if float(config.absent_fraction) != float(config.candidate_fraction):
+        absent_cand = select_candidates(scores, b.valid, config.absent_fraction, (h, w))
+        absent_sim, absent_cell = match_cells(unit_q, unit_r, absent_cand, config.max_offset,
+                                              similarity=similarity)
+    top_ref = absent_sim.argmax(2)                                       # (M, HW)
+    top_cell = absent_cell.gather(2, top_ref[:, :, None]).squeeze(2)
     refs_flat = b.refs.flatten(3)                                        # (M, K, C, HW)
     qflat = b.query.reshape(m, c, hw)
     t_gain = t_cell = None

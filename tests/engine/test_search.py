@@ -60,7 +60,9 @@ def _linear_problem(n=1, seed=0):
     return q, torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long)
 
 
-CFG = SearchConfig(candidate_fraction=0.15)
+CFG = SearchConfig(candidate_fraction=0.15, absent_fraction=0.15)
+"""The known answers below use the evidence-cell baseline (absent = the reference's channel-1
+cell), under which each S cell's contribution is exactly 2."""
 
 
 def test_finds_exactly_the_minimal_cells_of_an_additive_head():
@@ -99,10 +101,10 @@ def test_minimality_pass_drops_the_unneeded_edit():
     bank = _make_bank((MaxHead.A, MaxHead.B, MaxHead.D))
     t, p = torch.tensor([0]), torch.tensor([1])
     full = counterfactual_search(MaxHead(), q, t, p, bank, SearchConfig(
-        candidate_fraction=0.15, minimality=False, trim=False))[0]
+        candidate_fraction=0.15, absent_fraction=0.15, minimality=False, trim=False))[0]
     assert full.success and full.edits[0].query_cells == (MaxHead.D,)
     assert set(full.edited_cells) >= {MaxHead.A, MaxHead.B, MaxHead.D}
-    res = counterfactual_search(MaxHead(), q, t, p, bank, SearchConfig(candidate_fraction=0.15))[0]
+    res = counterfactual_search(MaxHead(), q, t, p, bank, SearchConfig(candidate_fraction=0.15, absent_fraction=0.15))[0]
     assert res.success and sorted(res.edited_cells) == [MaxHead.A, MaxHead.B]
     # the trajectory is recomputed for the kept edits: flipped only after the last one
     assert res.edits[-1].p_true_after > 0.5 > res.edits[0].p_true_after
@@ -151,7 +153,7 @@ def test_trim_keeps_exactly_the_cells_the_flip_needs():
     head = CellLinearHead()
     q, t, p = _linear_problem(n=3, seed=4)
     bank = _make_bank(S_CELLS)
-    one_region = {"candidate_fraction": 0.15, "region_threshold": 0.0, "max_region_size": H * W}
+    one_region = {"candidate_fraction": 0.15, "absent_fraction": 0.15, "region_threshold": 0.0, "max_region_size": H * W}
     (full,) = counterfactual_search(head, q[:1], t[:1], p[:1], bank,
                                     SearchConfig(**one_region, trim=False))
     assert full.success and full.num_edits == 1 and len(full.edited_cells) == H * W
@@ -185,7 +187,7 @@ def test_trim_keeps_the_shortest_flipping_prefix():
     head = _CellHead(true_bias=0.0)
     q, t, p = _linear_problem()
     bank = _make_bank(S_CELLS)
-    cfg = SearchConfig(candidate_fraction=0.15, region_threshold=0.0, max_region_size=H * W)
+    cfg = SearchConfig(candidate_fraction=0.15, absent_fraction=0.15, region_threshold=0.0, max_region_size=H * W)
     (res,) = counterfactual_search(head, q, t, p, bank, cfg)
     assert res.success and res.num_edits == 1
     assert len(res.edited_cells) == 2 and set(res.edited_cells) <= set(S_CELLS)
@@ -290,7 +292,7 @@ def test_non_differentiable_head_falls_back_to_all_cells():
     # (cosine ties between orthogonal cells) now come from outside the evidence cells (the trim
     # would drop those useless swaps again, so it is off here)
     (res,) = counterfactual_search(detached, q, t, p, bank,
-                                   SearchConfig(candidate_fraction=0.15, trim=False))
+                                   SearchConfig(candidate_fraction=0.15, absent_fraction=0.15, trim=False))
     assert not res.skipped and res.num_edits >= 1
     assert any(c not in S_CELLS for e in res.edits for c in e.reference_cells)
     assert all(prm.grad is None for prm in head.parameters())
@@ -326,6 +328,9 @@ def test_errors():
         counterfactual_search(head, q, t, torch.tensor([1, 1]), bank)
     with pytest.raises(ValueError, match="candidate_fraction"):
         SearchConfig(candidate_fraction=0.0)
+    for bad in (0.0, 1.5, True, "all"):
+        with pytest.raises(ValueError, match="absent_fraction"):
+            SearchConfig(absent_fraction=bad)
     with pytest.raises(ValueError, match="odd"):
         SearchConfig(window=4)
 
@@ -375,3 +380,51 @@ def test_taylor_lookahead_must_be_a_non_negative_integer():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="taylor_lookahead"):
             SearchConfig(taylor_lookahead=bad)
+
+
+class _PositionalHead(nn.Module):
+    """Additive, position-dependent head on 3 channels: ``true = Σ w_cell · x1``, ``pred = Σ x0``.
+
+    Channel 0 is the predicted class's part, channel 1 the true class's, channel 2 plain
+    appearance. The true-class weight is 3 at ``E`` (an empty cell) and 1 elsewhere, so pasting the
+    true part at ``E`` raises the margin most, though the query's wrong part sits at ``D``.
+    """
+    D, E = (3, 0), (0, 3)
+
+    def forward(self, x):
+        w = torch.ones(x.shape[-2:], dtype=x.dtype, device=x.device)
+        w[self.E] = 3.0
+        return torch.stack([(x[:, 1] * w).sum((1, 2)), x[:, 0].sum((1, 2))], 1)
+
+
+def test_absent_baseline_points_the_ranking_at_the_deviating_cell():
+    size = 4
+    background = torch.tensor([0.0, 0.0, 1.0])
+    query = background.view(1, 3, 1, 1).repeat(1, 1, size, size)
+    query[0, :, 3, 0] = torch.tensor([1.0, 0.0, 0.5])             # the wrong part, at D
+    ref = background.view(1, 3, 1, 1).repeat(1, 1, size, size)
+    ref[0, :, 1, 1] = torch.tensor([0.0, 1.0, 0.5])               # the true part
+    bank = ReferenceBank(2, 2, (3, size, size))
+    bank.add(ref, torch.tensor([0]), torch.tensor([[0, 0, 0]]))
+    head, true, pred = _PositionalHead(), torch.tensor([0]), torch.tensor([1])
+    assert head(query).argmax(1).item() == 1 and head(ref).argmax(1).item() == 0
+    one_cell = 1.0 / (size * size)              # one candidate: the true-part cell
+    base = dict(candidate_fraction=one_cell, reference_lookahead=1, max_region_size=1, seed=0)
+
+    # default: a cell's absent value is its most similar reference cell, background for every
+    # cell (D's wrong part included), so only D's difference from the true class counts
+    (res,) = counterfactual_search(head, query, true, pred, bank, SearchConfig(**base))
+    expected = torch.zeros(size, size)
+    expected[head.D] = 1.0                                        # removing the wrong part
+    assert torch.allclose(res.contributions, expected, atol=1e-5)
+    assert res.success and res.num_edits == 1
+    assert res.edits[0].query_cells == (head.D,) and res.edits[0].reference_cells == ((1, 1),)
+
+    # evidence-cell baseline: every absent cell becomes the true part, so every cell scores, E
+    # most (weight 3) and the edit paints the part onto the empty cell instead
+    (ev,) = counterfactual_search(head, query, true, pred, bank,
+                                  SearchConfig(absent_fraction=one_cell, **base))
+    expected = torch.ones(size, size)
+    expected[head.E], expected[head.D] = 3.0, 2.0
+    assert torch.allclose(ev.contributions, expected, atol=1e-5)
+    assert ev.success and ev.edits[0].query_cells == (head.E,)
