@@ -4,20 +4,24 @@
 epoch) whose head the background search evaluates: the training keeps updating the live weights
 meanwhile, so the search must not read them. :class:`BackgroundJob` runs one epoch's work on a
 daemon thread (on its own CUDA stream on a GPU) and hands its result back to the training thread.
+:class:`SerialWorker` runs the per-batch bookkeeping of the collection, in order, on a thread of
+its own, so the validation loop does not wait for it.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import os
 import threading
+import time
 from typing import Any, Callable, Optional
 
 import torch
 
 from .engine.split import ModelSplit, split_model
 
-__all__ = ["FrozenModel", "BackgroundJob"]
+__all__ = ["FrozenModel", "BackgroundJob", "SerialWorker"]
 
 
 def _strip_hooks(module: torch.nn.Module) -> None:
@@ -157,3 +161,81 @@ class BackgroundJob:
         """Block until the job ends (or ``timeout`` seconds pass: then ``None``)."""
         self._thread.join(timeout)
         return None if self._thread.is_alive() else self._result
+
+
+class SerialWorker:
+    """Run submitted tasks one at a time, in submission order, on one daemon thread.
+
+    At most ``max_pending`` tasks wait: :meth:`submit` blocks beyond that, which bounds the
+    memory that waiting tasks hold (their batch's tensors). A task must not raise; one that does
+    anyway is recorded in :attr:`errors` and the next task runs. On a GPU a task runs on the CUDA
+    stream that was current when it was submitted, so its kernels are ordered after the work
+    that produced its inputs, and any host synchronisation it does blocks the worker, not the
+    training thread.
+
+    Args:
+        max_pending: most tasks submitted but not finished.
+        name: the thread's name.
+    """
+
+    def __init__(self, max_pending: int = 4, name: str = "fgvce-collect") -> None:
+        if max_pending < 1:
+            raise ValueError(f"Expected `max_pending` to be a positive integer, but got {max_pending}.")
+        self.max_pending = int(max_pending)
+        self.name = name
+        self.errors: list[BaseException] = []
+        self._tasks: collections.deque = collections.deque()
+        self._unfinished = 0
+        self._cond = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+
+    def submit(self, fn: Callable[[], Any]) -> None:
+        """Queue ``fn()`` (after every earlier task); wait while ``max_pending`` are unfinished."""
+        stream = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            stream = torch.cuda.current_stream()
+        with self._cond:
+            while self._unfinished >= self.max_pending:
+                self._cond.wait()
+            self._tasks.append((fn, stream))
+            self._unfinished += 1
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._tasks:
+                    self._cond.wait()
+                fn, stream = self._tasks.popleft()
+            try:
+                if stream is not None:
+                    with torch.cuda.stream(stream):
+                        fn()
+                else:
+                    fn()
+            except BaseException as err:  # noqa: BLE001 - recorded for the training thread
+                self.errors.append(err)
+            finally:
+                with self._cond:
+                    self._unfinished -= 1
+                    self._cond.notify_all()
+
+    @property
+    def pending(self) -> int:
+        """Tasks submitted and not finished."""
+        with self._cond:
+            return self._unfinished
+
+    def drain(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every submitted task has finished (at most ``timeout`` s); ``True`` if so."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._unfinished:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True

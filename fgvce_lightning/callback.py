@@ -27,7 +27,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from . import _monitor_steps as steps
-from ._background import BackgroundJob, FrozenModel
+from ._background import BackgroundJob, FrozenModel, SerialWorker
 from .collection import ParsedBatch, parse_batch
 from .engine._util import (check_feature_map, global_rng_left_alone, preserved_rng_state,
                            preserved_training_flags)
@@ -222,6 +222,7 @@ class CounterfactualMonitor(Callback):
         self._num_misclassified = 0
         self._collect_failures: list[str] = []
         self._job: Optional[BackgroundJob] = None
+        self._collector: Optional[SerialWorker] = None    # the collection thread (started lazily)
         self._job_run: Optional[steps.RunInfo] = None
         self.last_background_s: Optional[float] = None   # wall time of the last background epoch
         self._frozen: Optional[FrozenModel] = None
@@ -303,13 +304,15 @@ class CounterfactualMonitor(Callback):
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._remove_hook()
         self._active = False
+        self._drain_collection()
         self._finish_background()
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                      exception: BaseException) -> None:
         self._remove_hook()
         self._active = False
-        # the run is failing: give a background explanation a little time, then leave it behind
+        # the run is failing: give the threads a little time, then leave them behind
+        self._drain_collection(timeout=30.0)
         self._finish_background(timeout=30.0)
 
     def _should_explain(self, trainer: "pl.Trainer") -> bool:
@@ -321,6 +324,7 @@ class CounterfactualMonitor(Callback):
         return fn == TrainerFn.FITTING and trainer.current_epoch % self.every_n_epochs == 0
 
     def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._drain_collection()
         self._finish_background()          # the stores are about to be reused
         self._active = self._should_explain(trainer) or (trainer.sanity_checking and not self._checked)
         if self._reuse_logits:
@@ -379,27 +383,64 @@ class CounterfactualMonitor(Callback):
         self._remove_hook()
         if not self._active:
             return
+        if self._collector is not None and self._collector.errors:
+            self._drain_collection()       # the queued batches are skipped; warn, stop this epoch
+            return
         try:
             # the global RNG is guarded where the model runs (`_model_call`); the stores draw
             # from their own generators
             with torch.inference_mode(False), torch.no_grad():
-                self._collect(trainer, pl_module, batch, captured, batch_idx, dataloader_idx,
-                              captured_logits)
+                prepared = self._collect(trainer, pl_module, batch, captured, batch_idx,
+                                         dataloader_idx, captured_logits)
+                if prepared is not None:
+                    if self._checked and self.background is not False:
+                        # the bookkeeping runs on the collection thread, in batch order, while
+                        # the validation loop goes on; the first batch is stored here so that
+                        # a configuration error raises
+                        self._collection_worker().submit(lambda: self._store_batch(*prepared))
+                    else:
+                        self._store_batch(*prepared)
             self._checked = True
         except Exception as err:  # noqa: BLE001 - configuration errors raise, later ones are counted
             if not self._checked:
                 raise
-            message = f"collection failed at batch {batch_idx}: {type(err).__name__}: {err}"
-            warnings.warn(f"CounterfactualMonitor: {message}; no more samples are collected this "
-                          "epoch.", RuntimeWarning, stacklevel=2)
-            self._collect_failures.append(message)
-            self._active = False
+            self._stop_collecting([err], batch_idx)
         if trainer.sanity_checking:
             self._active = False   # one sanity batch checks the configuration; nothing is kept
 
+    def _collection_worker(self) -> SerialWorker:
+        if self._collector is None:
+            self._collector = SerialWorker(max_pending=4)
+        return self._collector
+
+    def _stop_collecting(self, errors: Sequence[BaseException], batch_idx: Optional[int] = None) -> None:
+        """Warn about failed collection (on the training thread), count it and stop for this epoch."""
+        where = f" at batch {batch_idx}" if batch_idx is not None else ""
+        for err in errors:
+            message = f"collection failed{where}: {type(err).__name__}: {err}"
+            warnings.warn(f"CounterfactualMonitor: {message}; no more samples are collected this "
+                          "epoch.", RuntimeWarning, stacklevel=3)
+            self._collect_failures.append(message)
+        if self._collector is not None and errors is self._collector.errors:
+            self._collector.errors = []
+        self._active = False
+
+    def _drain_collection(self, timeout: Optional[float] = None) -> None:
+        """Wait for the collection thread's queued batches; report its failures. Never raises."""
+        worker = self._collector
+        if worker is None:
+            return
+        if not worker.drain(timeout):
+            warnings.warn(f"CounterfactualMonitor: the collection thread did not finish in "
+                          f"{timeout:.0f} s.", RuntimeWarning, stacklevel=3)
+        if worker.errors:
+            self._stop_collecting(worker.errors)
+
     def _collect(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                  captured: Optional[torch.Tensor], batch_idx: int, dataloader_idx: int,
-                 captured_logits: Optional[torch.Tensor] = None) -> None:
+                 captured_logits: Optional[torch.Tensor] = None) -> Optional[tuple]:
+        """The batch's features and logits, on the training thread (it may run the model); returns
+        the arguments of :meth:`_store_batch`, or ``None`` while sanity checking."""
         parsed = parse_batch(batch, self.batch_parser)
         feats = self._features_for(parsed, captured, pl_module)
         logits = None
@@ -421,18 +462,27 @@ class CounterfactualMonitor(Callback):
                              "Check the model split (`layer`/`features`/`head`).")
         if self._store is None:
             self._store = self._build_stores(trainer, pl_module, parsed, feats, logits)
-        store = self._store
-        store.check(feats, logits, parsed)
-        labels = parsed.labels.to(logits.device)
-        pred = logits.argmax(1)
-        wrong = pred != labels
         if trainer.sanity_checking:
-            return
-        b = labels.shape[0]
+            self._store.check(feats, logits, parsed)
+            return None
+        b = feats.shape[0]
         ids = torch.stack([torch.full((b,), dataloader_idx), torch.full((b,), batch_idx),
                            torch.arange(b)], 1)
-        self._num_misclassified += int(wrong.sum())
-        store.add(feats, labels, pred, wrong, ids, parsed)
+        return self._store, feats, logits, parsed, ids
+
+    def _store_batch(self, store: "steps.Stores", feats: torch.Tensor, logits: torch.Tensor,
+                     parsed: ParsedBatch, ids: torch.Tensor) -> None:
+        """Check the batch against the stores and keep it: correct samples in the bank, mistakes
+        in the reservoir (on the collection thread after the first batch)."""
+        if self._collector is not None and self._collector.errors:
+            return                         # an earlier batch failed: collect nothing more
+        with torch.inference_mode(False), torch.no_grad():
+            store.check(feats, logits, parsed)
+            labels = parsed.labels.to(logits.device)
+            pred = logits.argmax(1)
+            wrong = pred != labels
+            self._num_misclassified += int(wrong.sum())
+            store.add(feats, labels, pred, wrong, ids, parsed)
 
     def _locate_hook(self, pl_module: "pl.LightningModule", images: torch.Tensor) -> None:
         """For splits without a hook module (e.g. ``forward_features``), find the module whose
@@ -515,6 +565,7 @@ class CounterfactualMonitor(Callback):
         on a background thread when :meth:`_frozen_for` gives a frozen copy of the model."""
         self._remove_hook()
         self._active = False
+        self._drain_collection()           # every batch of the epoch is in the stores
         if not self._should_explain(trainer) or self._split is None:
             return
         run = steps.RunInfo.of(trainer)
@@ -640,7 +691,7 @@ class CounterfactualMonitor(Callback):
         state = self.__dict__.copy()
         state.update(_store=None, _hook_handle=None, _captured=None, _logit_handles=[],
                      _captured_logits=None, _reporters={}, _split=None,
-                     _split_owner=None, _locate_tried=False, _job=None, _frozen=None,
+                     _split_owner=None, _locate_tried=False, _job=None, _collector=None, _frozen=None,
                      _proto_lock=None, _prototypes=protos)
         return state
 

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from _callback_fixtures import TinyClassifier, loaders
 from fgvce_lightning import _monitor_steps as steps
-from fgvce_lightning._background import BackgroundJob, FrozenModel
+from fgvce_lightning._background import BackgroundJob, FrozenModel, SerialWorker
 from fgvce_lightning.callback import CounterfactualMonitor
 from fgvce_lightning.engine.split import split_model
 
@@ -173,3 +173,51 @@ def test_checkpoint_written_during_background_explanation_resumes_from_the_repor
         lost = CounterfactualMonitor()
         lost.load_state_dict(state)
     assert lost.history.epochs == [] and lost.num_explained_epochs == 0
+
+
+def test_serial_worker_runs_in_order_bounds_the_queue_and_records_errors():
+    worker, done, gate = SerialWorker(max_pending=2), [], threading.Event()
+    worker.submit(gate.wait)                       # holds the worker
+    worker.submit(lambda: done.append(1))
+    assert worker.pending == 2
+    assert not worker.drain(timeout=0.05)          # blocked: reports it rather than hanging
+    blocked = threading.Thread(target=lambda: worker.submit(lambda: done.append(2)))
+    blocked.start()
+    blocked.join(0.1)
+    assert blocked.is_alive() and done == []       # a third task waits for room
+    gate.set()
+    blocked.join(5)
+    worker.submit(lambda: 1 / 0)
+    worker.submit(lambda: done.append(3))
+    assert worker.drain(timeout=5) and worker.pending == 0
+    assert done == [1, 2, 3]                       # in submission order, past the failure
+    assert len(worker.errors) == 1 and isinstance(worker.errors[0], ZeroDivisionError)
+
+
+def test_failure_on_the_collection_thread_is_counted_and_the_run_goes_on(tmp_path):
+    L.seed_everything(7)
+    train, val = loaders()                         # 4 validation batches
+    calls = []
+
+    def parser(batch):                             # the 3rd batch of epoch 0 has labels out of range,
+        calls.append(1)                            # which the collection thread finds
+        return batch[0], batch[1] + (99 if len(calls) == 3 else 0)
+
+    monitor = CounterfactualMonitor(max_samples=6, log_images=0, report_html=False,
+                                    report_dir=tmp_path / "r", batch_parser=parser)
+    trainer = L.Trainer(max_epochs=2, callbacks=[monitor], default_root_dir=tmp_path,
+                        **{**FAST, "num_sanity_val_steps": 0})
+    with pytest.warns(RuntimeWarning, match=r"collection failed: ValueError: Expected labels in \[0, 4\)"):
+        trainer.fit(TinyClassifier(), train, val)
+    assert monitor._collector is not None          # the batches were kept on the thread
+    assert trainer.current_epoch == 2 and monitor.num_explained_epochs == 2
+    first, second = monitor.summaries
+    assert first["failures"] == 1 and second["failures"] == 0
+    assert first["num_misclassified"] <= 32        # batches 3 and 4 were not collected
+    assert monitor.total_failures == 1
+    report = json.loads((tmp_path / "r" / "epoch_000" / "report.json").read_text())
+    assert any("Expected labels" in f for f in report["failures"])
+    assert report["samples"] and {s["batch_idx"] for s in report["samples"]} <= {0, 1}
+    bank = monitor._store.bank                     # epoch 1 kept references from every batch
+    kept = torch.cat([bank.get(c)[1] for c in range(bank.num_classes)])
+    assert set(kept[:, 1].tolist()) == {0, 1, 2, 3}
