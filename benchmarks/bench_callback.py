@@ -2,10 +2,12 @@
 
 Same model (the demo SmallCNN, briefly trained), same SyntheticBirds validation set, same process:
 
-1. ``N`` validation epochs *without* the monitor (``trainer.validate``, timed by a probe callback);
+1. ``N`` validation epochs *without* the monitor (``trainer.validate``, timed by a probe callback)
+   and, alternating with them epoch by epoch,
 2. ``N`` validation epochs *with* it (explaining ``--max-samples`` mistakes per epoch), timing
-   separately the collection (first batch start → before the monitor's epoch end) and the
-   explanation (the monitor's epoch end: search, parts, statistics, TensorBoard, report);
+   separately the collection (first batch start → the last batch stored by the monitor's
+   collection thread) and the explanation (the monitor's epoch end: search, parts, statistics,
+   TensorBoard, report);
 3. the memory the monitor holds (bank + buffers bytes) and the process RSS (or
    ``torch.cuda.max_memory_allocated`` on GPU) after each of the ``N`` epochs: it must stay flat.
 
@@ -51,8 +53,9 @@ def _rss_mb() -> float:
 class _Clock(L.Callback):
     """Placed before the monitor: marks the epoch start and the end of collection."""
 
-    def __init__(self) -> None:
+    def __init__(self, monitor: "CounterfactualMonitor | None" = None) -> None:
         self.start = self.collected = 0.0
+        self.monitor = monitor
 
     def on_validation_epoch_start(self, trainer, pl_module):
         if torch.cuda.is_available():
@@ -60,6 +63,10 @@ class _Clock(L.Callback):
         self.start = time.perf_counter()
 
     def on_validation_epoch_end(self, trainer, pl_module):
+        if self.monitor is not None:
+            # the last batches may still be on the monitor's collection thread: collection ends
+            # when they are stored (the monitor's own epoch end would wait for them next)
+            self.monitor._drain_collection()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.collected = time.perf_counter()
@@ -173,6 +180,10 @@ def main() -> None:
                         help="torch.set_num_threads (1 avoids oversubscription on a busy machine)")
     parser.add_argument("--fit-epochs", type=int, default=8,
                         help="epochs of the fit comparison (step 4); 0 skips it")
+    parser.add_argument("--collection", choices=["thread", "inline"], default="thread",
+                        help="validate mode: per-batch bookkeeping on the monitor's collection "
+                             "thread (the default, background='auto') or inline on the validation "
+                             "loop (background=False)")
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -188,24 +199,23 @@ def main() -> None:
     L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, **common).fit(model, train, val)
     device = "cuda" if torch.cuda.is_available() and args.accelerator in ("auto", "gpu", "cuda") else "cpu"
 
-    # warm-up (allocator, lazy imports), then baseline
-    clock, stop = _Clock(), _Stop()
-    base_trainer = L.Trainer(logger=False, callbacks=[clock, stop], **common)
+    # warm-up (allocator, lazy imports), then the two alternately, epoch by epoch, so that drift
+    # of the machine's speed affects both alike
+    base_clock, base_stop = _Clock(), _Stop()
+    base_trainer = L.Trainer(logger=False, callbacks=[base_clock, base_stop], **common)
     base_trainer.validate(model, val, verbose=False)
-    base = []
-    for _ in range(args.epochs):
-        base_trainer.validate(model, val, verbose=False)
-        base.append(stop.end - clock.start)
-
     monitor = CounterfactualMonitor(max_samples=args.max_samples, part_names=PART_NAMES,
-                                    report_html=args.report_html, log_images=args.log_images)
-    clock, stop = _Clock(), _Stop()
+                                    report_html=args.report_html, log_images=args.log_images,
+                                    background="auto" if args.collection == "thread" else False)
+    clock, stop = _Clock(monitor), _Stop()
     logger = TensorBoardLogger(root, name="tb")
     trainer = L.Trainer(logger=logger, callbacks=[clock, monitor, stop], **common)
-    collect, total, explain, held, rss, gpu = [], [], [], [], [], []
+    base, collect, total, explain, held, rss, gpu = [], [], [], [], [], [], []
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.epochs):
+        base_trainer.validate(model, val, verbose=False)
+        base.append(base_stop.end - base_clock.start)
         trainer.validate(model, val, verbose=False)
         collect.append(clock.collected - clock.start)
         total.append(stop.end - clock.start)
@@ -217,7 +227,7 @@ def main() -> None:
     last = monitor.last_result
 
     med = statistics.median
-    print(f"torch threads={torch.get_num_threads()}  device={device}  val images={args.num_val}  batch={args.batch_size}  "
+    print(f"torch threads={torch.get_num_threads()}  collection={args.collection}  device={device}  val images={args.num_val}  batch={args.batch_size}  "
           f"epochs={args.epochs}  max_samples={args.max_samples}  "
           f"bank capacity/class={monitor._store.bank.capacity_per_class}")
     print(f"mistakes per epoch: {last.stats.num_misclassified}, explained {last.stats.num_explained} "

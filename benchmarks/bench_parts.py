@@ -13,8 +13,11 @@ Trains the demo :class:`~fgvce_lightning.demo.DemoClassifier` on :class:`Synthet
    ground-truth part masks (a cell's part = the label covering most of it, background included),
    with per-part best-cluster precision / recall.
 
-    python benchmarks/bench_parts.py                  # about 2-4 minutes on 2 busy CPU cores
-    python benchmarks/bench_parts.py --epochs 3 --max-queries 32
+Repeated for every ``--seeds`` value (a freshly trained model and its own data each time); a
+closing table gives the distinguishing-part hit rates of every seed side by side.
+
+    python benchmarks/bench_parts.py                  # 3 seeds, about 8 minutes on 2 CPU cores
+    python benchmarks/bench_parts.py --seeds 0 --epochs 3 --max-queries 32
 """
 
 from __future__ import annotations
@@ -39,12 +42,14 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=10, help="training epochs (default: 10, the demo's)")
     parser.add_argument("--num-train", type=int, default=2000)
-    parser.add_argument("--num-val", type=int, default=500)
-    parser.add_argument("--max-queries", type=int, default=64)
+    parser.add_argument("--num-val", type=int, default=2000,
+                        help="validation images (default 2000: about 150-200 mistakes to explain)")
+    parser.add_argument("--max-queries", type=int, default=200)
     parser.add_argument("--bank-per-class", type=int, default=16)
     parser.add_argument("--prototypes", type=int, default=len(PART_NAMES) + 1,
                         help="number of discovered prototypes (default: parts + background)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="one trained model (and data set) per seed")
     parser.add_argument("--min-coverage", type=float, nargs="+", default=[0.2, 0.01],
                         help="mask coverage for a cell to carry a part; one table per value "
                              "(0.01: any overlap, so small parts such as the beak label a cell)")
@@ -66,20 +71,42 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
+    rows = []
+    for seed in args.seeds:
+        rows.append(run_seed(args, seed))
+    print(f"\n=== first edit touches the distinguishing part (mask coverage >= "
+          f"{args.min_coverage[0]}), per seed ===")
+    names = [s.name for s in rows[0][1].strategies]
+    print(f"{'seed':>4} {'accuracy':>9} {'mistakes':>9} " + " ".join(
+        f"{n:>16}" for n in names))
+    for seed, result in rows:
+        cells = " ".join(f"{s.distinguishing_hit:>7.3f} ({s.distinguishing_chance:.3f})"
+                         for s in result.strategies)
+        print(f"{seed:>4} {result.accuracy:>9.3f} {result.num_queries:>9d} {cells}")
+    print("(hit rate, and in brackets the chance for an edit of the same size)")
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+
+
+def run_seed(args: argparse.Namespace, seed: int):
+    """Train, explain with every strategy, measure; returns ``(seed, result at the first coverage)``."""
+    start = time.perf_counter()
+    print(f"\n##### seed {seed} #####")
     with tempfile.TemporaryDirectory() as root:
         _, module = train_demo(max_epochs=args.epochs, num_train=args.num_train,
-                               num_val=args.num_val, seed=args.seed, enable_progress_bar=False,
+                               num_val=args.num_val, seed=seed, enable_progress_bar=False,
                                default_root_dir=root, logger=False, enable_checkpointing=False)
     trained = time.perf_counter()
     print(f"trained DemoClassifier for {args.epochs} epochs on {args.num_train} SyntheticBirds "
           f"images in {trained - start:.0f} s (torch threads: 1)\n")
 
-    val = SyntheticBirds(args.num_val, num_classes=8, seed=args.seed, split="val")
+    val = SyntheticBirds(args.num_val, num_classes=8, seed=seed, split="val")
     loader = DataLoader(val, batch_size=16, shuffle=False)
+    first = None
     for coverage in args.min_coverage:
         result = evaluate_model(module, loader, max_queries=args.max_queries,
-                                bank_per_class=args.bank_per_class, seed=args.seed,
+                                bank_per_class=args.bank_per_class, seed=seed,
                                 min_coverage=coverage)
+        first = first or result
         print(f"--- part labels: mask coverage >= {coverage} ---")
         print(format_table(result))
     print(f"\n(evaluation {time.perf_counter() - trained:.0f} s; distinguishing-part hit = share "
@@ -91,7 +118,7 @@ def main() -> None:
     feats, masks = _val_features(module, loader)
     bank = result.bank
     bank_maps = torch.cat([bank.get(c)[0] for c in range(bank.num_classes)])
-    protos = PartPrototypes(num_parts=args.prototypes, seed=args.seed)
+    protos = PartPrototypes(num_parts=args.prototypes, seed=seed)
     protos.fit(bank_maps)
     clusters = protos.assign(feats)
     truth = cell_majority_parts(masks, tuple(feats.shape[2:]))
@@ -110,7 +137,7 @@ def main() -> None:
     fg = prototype_purity(clusters[bird], truth[bird], args.prototypes, names)
     print(f"on the bird's {int(bird.sum())} cells only ({bird.float().mean():.1%} of all): purity "
           f"{fg.purity:.3f} (majority-part baseline {fg.majority_baseline:.3f})")
-    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    return seed, first
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 
 from .engine.split import ModelSplit, split_model
 
-__all__ = ["FrozenModel", "BackgroundJob", "SerialWorker"]
+__all__ = ["FrozenModel", "BackgroundJob", "SerialWorker", "spare_cpu"]
 
 
 def _strip_hooks(module: torch.nn.Module) -> None:
@@ -161,6 +161,16 @@ class BackgroundJob:
         """Block until the job ends (or ``timeout`` seconds pass: then ``None``)."""
         self._thread.join(timeout)
         return None if self._thread.is_alive() else self._result
+
+
+def spare_cpu() -> bool:
+    """Whether a CPU core is left over by torch's intra-op threads (the collection thread then
+    runs beside the validation forward instead of competing with it for every core)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:         # not Linux
+        cpus = os.cpu_count() or 1
+    return torch.get_num_threads() < cpus
 
 
 class SerialWorker:

@@ -27,6 +27,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from . import _monitor_steps as steps
+from . import _background
 from ._background import BackgroundJob, FrozenModel, SerialWorker
 from .collection import ParsedBatch, parse_batch
 from .engine._util import (check_feature_map, global_rng_left_alone, preserved_rng_state,
@@ -223,6 +224,7 @@ class CounterfactualMonitor(Callback):
         self._collect_failures: list[str] = []
         self._job: Optional[BackgroundJob] = None
         self._collector: Optional[SerialWorker] = None    # the collection thread (started lazily)
+        self._threaded = False         # this epoch's batches are stored on the collection thread
         self._job_run: Optional[steps.RunInfo] = None
         self.last_background_s: Optional[float] = None   # wall time of the last background epoch
         self._frozen: Optional[FrozenModel] = None
@@ -327,6 +329,11 @@ class CounterfactualMonitor(Callback):
         self._drain_collection()
         self._finish_background()          # the stores are about to be reused
         self._active = self._should_explain(trainer) or (trainer.sanity_checking and not self._checked)
+        # the per-batch bookkeeping goes to the collection thread where it has a core of its own:
+        # on a GPU, or on a CPU whose cores torch's threads do not all use (measured in
+        # benchmarks/bench_callback.py: on a CPU it slows the forward when they do)
+        self._threaded = self.background is not False and (
+            pl_module.device.type != "cpu" or _background.spare_cpu())
         if self._reuse_logits:
             self._reuse_logits = None      # check the model's output against the head again
         self._num_misclassified = 0
@@ -393,7 +400,7 @@ class CounterfactualMonitor(Callback):
                 prepared = self._collect(trainer, pl_module, batch, captured, batch_idx,
                                          dataloader_idx, captured_logits)
                 if prepared is not None:
-                    if self._checked and self.background is not False:
+                    if self._checked and self._threaded:
                         # the bookkeeping runs on the collection thread, in batch order, while
                         # the validation loop goes on; the first batch is stored here so that
                         # a configuration error raises

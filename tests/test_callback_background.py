@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from _callback_fixtures import TinyClassifier, loaders
-from fgvce_lightning import _monitor_steps as steps
+from fgvce_lightning import _background, _monitor_steps as steps
 from fgvce_lightning._background import BackgroundJob, FrozenModel, SerialWorker
 from fgvce_lightning.callback import CounterfactualMonitor
 from fgvce_lightning.engine.split import split_model
@@ -194,7 +194,8 @@ def test_serial_worker_runs_in_order_bounds_the_queue_and_records_errors():
     assert len(worker.errors) == 1 and isinstance(worker.errors[0], ZeroDivisionError)
 
 
-def test_failure_on_the_collection_thread_is_counted_and_the_run_goes_on(tmp_path):
+def test_failure_on_the_collection_thread_is_counted_and_the_run_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(_background, "spare_cpu", lambda: True)
     L.seed_everything(7)
     train, val = loaders()                         # 4 validation batches
     calls = []
@@ -221,3 +222,13 @@ def test_failure_on_the_collection_thread_is_counted_and_the_run_goes_on(tmp_pat
     bank = monitor._store.bank                     # epoch 1 kept references from every batch
     kept = torch.cat([bank.get(c)[1] for c in range(bank.num_classes)])
     assert set(kept[:, 1].tolist()) == {0, 1, 2, 3}
+
+
+def test_batches_are_stored_inline_when_torch_uses_every_core(tmp_path, monkeypatch):
+    monkeypatch.setattr(_background, "spare_cpu", lambda: False)
+    inline, _ = _fit(tmp_path / "inline", max_epochs=1)
+    monkeypatch.setattr(_background, "spare_cpu", lambda: True)
+    threaded, _ = _fit(tmp_path / "thread", max_epochs=1)
+    assert inline._collector is None and threaded._collector is not None
+    assert inline.summaries[0]["num_misclassified"] == threaded.summaries[0]["num_misclassified"] > 0
+    assert _edits(tmp_path / "inline" / "r") == _edits(tmp_path / "thread" / "r")
