@@ -227,7 +227,8 @@ def main() -> None:
     last = monitor.last_result
 
     med = statistics.median
-    print(f"torch threads={torch.get_num_threads()}  collection={args.collection}  device={device}  val images={args.num_val}  batch={args.batch_size}  "
+    used = "thread" if monitor._collector is not None else "inline"   # the monitor decides
+    print(f"torch threads={torch.get_num_threads()}  collection={used}  device={device}  val images={args.num_val}  batch={args.batch_size}  "
           f"epochs={args.epochs}  max_samples={args.max_samples}  "
           f"bank capacity/class={monitor._store.bank.capacity_per_class}")
     print(f"mistakes per epoch: {last.stats.num_misclassified}, explained {last.stats.num_explained} "

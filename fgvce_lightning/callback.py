@@ -106,7 +106,11 @@ class CounterfactualMonitor(Callback):
             TensorBoard panels and report as soon as they are ready. Costs one copy of the model's
             weights. ``False``: explain synchronously at the end of the validation epoch. Under DDP,
             in ``trainer.validate`` and with an explicit ``head`` callable that is not an
-            ``nn.Module``, the explanation always runs synchronously.
+            ``nn.Module``, the explanation always runs synchronously. Unless ``False``, the
+            per-batch bookkeeping of the collection (reservoir, bank, thumbnails, part labels)
+            also runs on a thread of its own, in batch order, where it has a core to itself (on a
+            GPU, or when torch's threads leave a CPU core free); at most two batches wait for it
+            (their feature maps and images are held until stored).
         **search_options: :class:`SearchConfig` fields.
 
     Logged scalars (through ``log_metrics`` of every logger; ``P`` = ``prefix``): ``P/flip_rate``,
@@ -417,7 +421,7 @@ class CounterfactualMonitor(Callback):
 
     def _collection_worker(self) -> SerialWorker:
         if self._collector is None:
-            self._collector = SerialWorker(max_pending=4)
+            self._collector = SerialWorker(max_pending=2)
         return self._collector
 
     def _stop_collecting(self, errors: Sequence[BaseException], batch_idx: Optional[int] = None) -> None:
