@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from _callback_fixtures import (PART_NAMES, KeypointDataset, PlantedModel, TinyClassifier, loaders,
                                 planted_data, planted_val)
+from fgvce_lightning import _background
 from fgvce_lightning.callback import CounterfactualMonitor
 from fgvce_lightning.reporting.schema import validate_report
 
@@ -216,12 +217,15 @@ def test_every_n_epochs_and_sanity_check_are_skipped(tmp_path):
     assert [s["epoch"] for s in monitor.summaries] == [0, 2]
 
 
-def test_trainer_validate_under_inference_mode(tmp_path):
+@pytest.mark.parametrize("threaded", [False, True], ids=["inline", "collection-thread"])
+def test_trainer_validate_under_inference_mode(tmp_path, monkeypatch, threaded):
+    monkeypatch.setattr(_background, "spare_cpu", lambda: threaded)
     L.seed_everything(0)
     _, val = loaders()
     model = TinyClassifier()
     monitor = _monitor(max_samples=4, report_dir=tmp_path / "r")
     _trainer(tmp_path, [monitor], inference_mode=True).validate(model, val)
+    assert (monitor._collector is not None) == threaded
     result = monitor.last_result
     assert result.stats.num_misclassified > 0 and result.stats.num_explained > 0
     assert not result.failures
