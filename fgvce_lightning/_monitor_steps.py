@@ -128,6 +128,11 @@ class Stores:
         wrong_cpu, ids = wrong.cpu(), ids.cpu()
         right_cpu = ~wrong_cpu
         if bool(right_cpu.any()):
+            # the bank refuses maps that are not finite in its dtype: leave them out of the extras
+            # too, or the two ring buffers would drift apart and lose thumbnails
+            finite = torch.isfinite(feats.to(self.bank.dtype)).flatten(1).all(1)
+            right_cpu &= finite.cpu()
+        if bool(right_cpu.any()):
             right = right_cpu.to(feats.device)
             self.bank.add(feats[right], labels[right], ids[right_cpu])
             extra = {"thumb": make_thumbnails(images[right], size)}

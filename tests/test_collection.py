@@ -90,3 +90,29 @@ def test_reference_extras_keep_exactly_the_samples_the_bank_keeps():
         assert kept == {tuple(i) for i in extras.ids[c].tolist() if i[0] >= 0}
         for key in kept:                          # and every kept sample's extras are found
             assert torch.equal(extras.lookup_id("thumb", key), torch.tensor(key).float())
+
+
+def test_stores_keep_bank_and_extras_in_step_when_maps_are_not_finite():
+    from fgvce_lightning import _monitor_steps as steps
+    from fgvce_lightning.collection import ParsedBatch
+
+    store = steps.Stores.build(
+        num_classes=2, feature_shape=(2, 2, 2), input_size=(8, 8), device=torch.device("cpu"),
+        dtype=torch.float16, feature_dtype=torch.float32, mistakes=4, budget_bytes=2 ** 20,
+        max_per_class=3, thumbnail_size=8, part_source="prototypes", num_annotated=0, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    for batch in range(4):
+        feats = torch.randn(6, 2, 2, 2, generator=gen)
+        feats[1, 0, 0, 0] = float("nan")
+        feats[4, 1, 1, 1] = 1e6                  # finite in float32, inf in the float16 bank
+        labels = torch.tensor([0, 0, 1, 1, 0, 1])
+        images = torch.rand(6, 3, 8, 8, generator=gen)
+        ids = torch.stack([torch.zeros(6), torch.full((6,), batch), torch.arange(6)], 1).long()
+        store.add(feats, labels, labels.clone(), torch.zeros(6, dtype=torch.bool), ids,
+                  ParsedBatch(images, labels))
+    for c in range(2):
+        _, bank_ids = store.bank.get(c)
+        kept = {tuple(i) for i in bank_ids.tolist()}
+        assert kept and not any(k[2] in (1, 4) for k in kept)        # the refused maps
+        assert kept == {tuple(i) for i in store.extras.ids[c].tolist() if i[0] >= 0}
+        assert all(store.extras.lookup_id("thumb", k) is not None for k in kept)
