@@ -128,13 +128,17 @@ class Stores:
         wrong_cpu, ids = wrong.cpu(), ids.cpu()
         right_cpu = ~wrong_cpu
         if bool(right_cpu.any()):
-            # the bank refuses maps that are not finite in its dtype: leave them out of the extras
-            # too, or the two ring buffers would drift apart and lose thumbnails
-            finite = torch.isfinite(feats.to(self.bank.dtype)).flatten(1).all(1)
-            right_cpu &= finite.cpu()
+            # cast the references once; the bank refuses maps that are not finite in its dtype,
+            # so leave them out of the extras too (or the two ring buffers drift apart)
+            refs = feats[right_cpu.to(feats.device)].to(self.bank.dtype)
+            finite = torch.isfinite(refs).flatten(1).all(1)
+            if not bool(finite.all()):
+                right_cpu = right_cpu.clone()
+                right_cpu[right_cpu.nonzero().squeeze(1)] = finite.cpu()
+                refs = refs[finite]
         if bool(right_cpu.any()):
             right = right_cpu.to(feats.device)
-            self.bank.add(feats[right], labels[right], ids[right_cpu])
+            self.bank.add(refs, labels[right], ids[right_cpu])
             extra = {"thumb": make_thumbnails(images[right], size)}
             if parts is not None:
                 extra["parts"] = parts[right_cpu]
