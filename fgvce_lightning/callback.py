@@ -228,6 +228,7 @@ class CounterfactualMonitor(Callback):
         self._collect_failures: list[str] = []
         self._job: Optional[BackgroundJob] = None
         self._collector: Optional[SerialWorker] = None    # the collection thread (started lazily)
+        self._pending = steps.PendingBatches()   # batches waiting to be stored together
         self._threaded = False         # this epoch's batches are stored on the collection thread
         self._job_run: Optional[steps.RunInfo] = None
         self.last_background_s: Optional[float] = None   # wall time of the last background epoch
@@ -310,6 +311,7 @@ class CounterfactualMonitor(Callback):
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._remove_hook()
         self._active = False
+        self._pending.clear()              # (a validation epoch that ended has stored them)
         self._drain_collection()
         self._finish_background()
 
@@ -317,6 +319,7 @@ class CounterfactualMonitor(Callback):
                      exception: BaseException) -> None:
         self._remove_hook()
         self._active = False
+        self._pending.clear()
         # the run is failing: give the threads a little time, then leave them behind
         self._drain_collection(timeout=30.0)
         self._finish_background(timeout=30.0)
@@ -342,6 +345,7 @@ class CounterfactualMonitor(Callback):
             self._reuse_logits = None      # check the model's output against the head again
         self._num_misclassified = 0
         self._collect_failures = []
+        self._pending.clear()
         if self._store is not None:
             self._store.reset(reseed=trainer.current_epoch)
 
@@ -404,13 +408,15 @@ class CounterfactualMonitor(Callback):
                 prepared = self._collect(trainer, pl_module, batch, captured, batch_idx,
                                          dataloader_idx, captured_logits)
                 if prepared is not None:
-                    if self._checked and self._threaded:
-                        # the bookkeeping runs on the collection thread, in batch order, while
-                        # the validation loop goes on; the first batch is stored here so that
-                        # a configuration error raises
-                        self._collection_worker().submit(lambda: self._store_batch(*prepared))
+                    store, feats, logits, parsed = prepared
+                    if self._checked:
+                        self._queue_batch(store, feats, logits, parsed, dataloader_idx, batch_idx)
                     else:
-                        self._store_batch(*prepared)
+                        # the first batch is stored at once, here, so that a configuration
+                        # error raises
+                        self._pending.push(feats, logits, store.needed(parsed), dataloader_idx,
+                                           batch_idx)
+                        self._store_batch(store, *self._pending.take())
             self._checked = True
         except Exception as err:  # noqa: BLE001 - configuration errors raise, later ones are counted
             if not self._checked:
@@ -419,9 +425,42 @@ class CounterfactualMonitor(Callback):
         if trainer.sanity_checking:
             self._active = False   # one sanity batch checks the configuration; nothing is kept
 
+    def _queue_batch(self, store: "steps.Stores", feats: torch.Tensor, logits: torch.Tensor,
+                     parsed: ParsedBatch, dataloader_idx: int, batch_idx: int) -> None:
+        """Hold the batch until the waiting ones reach the stores' ``pending_bytes``, then store
+        them together (inline, or on the collection thread in batch order)."""
+        store.check_shapes(feats, logits, parsed)
+        parsed = store.needed(parsed)
+        if not self._pending.fits(feats, logits, parsed):
+            self._flush_pending()
+        self._pending.push(feats, logits, parsed, dataloader_idx, batch_idx)
+        if self._pending.nbytes >= store.pending_bytes:
+            self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        """Store the waiting batches: on the collection thread (which concatenates them) when
+        this epoch uses it, else here (a failure propagates to the caller)."""
+        if not len(self._pending) or self._store is None:
+            self._pending.clear()
+            return
+        waiting, store = self._pending, self._store
+        self._pending = steps.PendingBatches()
+
+        def store_them() -> None:
+            taken = waiting.take()
+            if taken is not None:
+                self._store_batch(store, *taken)
+
+        if self._threaded:
+            # the bookkeeping runs on the collection thread, in batch order, while the
+            # validation loop goes on
+            self._collection_worker().submit(store_them)
+        else:
+            store_them()
+
     def _collection_worker(self) -> SerialWorker:
         if self._collector is None:
-            self._collector = SerialWorker(max_pending=2)
+            self._collector = SerialWorker(max_pending=1)   # (Stores.build counts its memory)
         return self._collector
 
     def _stop_collecting(self, errors: Sequence[BaseException], batch_idx: Optional[int] = None) -> None:
@@ -434,6 +473,7 @@ class CounterfactualMonitor(Callback):
             self._collect_failures.append(message)
         if self._collector is not None and errors is self._collector.errors:
             self._collector.errors = []
+        self._pending.clear()
         self._active = False
 
     def _drain_collection(self, timeout: Optional[float] = None) -> None:
@@ -476,10 +516,7 @@ class CounterfactualMonitor(Callback):
         if trainer.sanity_checking:
             self._store.check(feats, logits, parsed)
             return None
-        b = feats.shape[0]
-        ids = torch.stack([torch.full((b,), dataloader_idx), torch.full((b,), batch_idx),
-                           torch.arange(b)], 1)
-        return self._store, feats, logits, parsed, ids
+        return self._store, feats, logits, parsed
 
     def _store_batch(self, store: "steps.Stores", feats: torch.Tensor, logits: torch.Tensor,
                      parsed: ParsedBatch, ids: torch.Tensor) -> None:
@@ -575,6 +612,13 @@ class CounterfactualMonitor(Callback):
         """Explain the kept mistakes, gather (DDP), compute statistics, log and report (rank 0);
         on a background thread when :meth:`_frozen_for` gives a frozen copy of the model."""
         self._remove_hook()
+        if self._active:
+            try:
+                with torch.inference_mode(False), torch.no_grad():
+                    self._flush_pending()
+            except Exception as err:  # noqa: BLE001 - counted like any failed collection
+                self._stop_collecting([err])
+        self._pending.clear()
         self._active = False
         self._drain_collection()           # every batch of the epoch is in the stores
         if not self._should_explain(trainer) or self._split is None:

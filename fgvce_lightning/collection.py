@@ -121,11 +121,14 @@ def make_thumbnails(images: torch.Tensor, size: int) -> torch.Tensor:
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                               antialias=x.shape[-1] > size)
-        lo, hi = torch.aminmax(x.flatten(1), dim=1)
-        scale = (255.0 / (hi - lo).clamp_min(1e-8)).view(-1, 1, 1, 1)
-        # (x - lo) * scale, rounded: one fused pass, then truncation (values lie in [0.5, 255.5])
-        offset = (0.5 - lo.view(-1, 1, 1, 1) * scale)
-        return torch.addcmul(offset, x, scale).to(torch.uint8).cpu()
+        # (amin and amax apart, and mul then add_, are several times faster on the CPU than
+        # aminmax over a dim and a broadcast addcmul; measured on (32, 3, 64, 64) batches)
+        flat = x.flatten(1)
+        lo, hi = flat.amin(1), flat.amax(1)
+        scale = 255.0 / (hi - lo).clamp_min(1e-8)
+        # (x - lo) * scale, rounded: truncation of values in [0.5, 255.5]
+        offset = (0.5 - lo * scale).view(-1, 1, 1, 1)
+        return (x * scale.view(-1, 1, 1, 1)).add_(offset).to(torch.uint8).cpu()
 
 
 def _dedupe_last(slots: torch.Tensor, rows: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,10 +169,18 @@ class MistakeBuffer:
         self.generator.manual_seed(self.seed + int(reseed))
 
     def _slots(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reservoir slots for the next ``n`` mistakes: (rows of the batch kept, their slots)."""
+        """Reservoir slots for the next ``n`` mistakes: (rows of the batch kept, their slots).
+
+        One draw per mistake beyond the first ``capacity`` (those are all kept), so offering
+        two batches one after the other or concatenated gives the same slots.
+        """
+        free = min(n, max(0, self.capacity - self.seen))      # kept while the buffer fills
         index = torch.arange(self.seen, self.seen + n)
-        draws = (torch.rand(n, generator=self.generator, dtype=torch.float64) * (index + 1)).long()
-        slots = torch.where(index < self.capacity, index, draws)
+        if free == n:
+            return torch.arange(n), index
+        draws = (torch.rand(n - free, generator=self.generator, dtype=torch.float64)
+                 * (index[free:] + 1)).long()
+        slots = torch.cat([index[:free], draws])
         kept = slots < self.capacity
         slots, rows = _dedupe_last(slots[kept], torch.arange(n)[kept], self.capacity)
         return rows, slots
@@ -190,18 +201,20 @@ class MistakeBuffer:
         if rows.numel() == 0:
             return
         for name, value in tensors.items():
-            if callable(value):
-                value, rows_v, expected = value(rows), torch.arange(rows.numel()), rows.numel()
-            else:
-                rows_v, expected = rows, n
+            lazy = callable(value)
+            if lazy:
+                value = value(rows)                # computes the kept rows only
+            expected = rows.numel() if lazy else n
             if value.shape[0] != expected:
                 raise ValueError(f"Expected `{name}` to have {expected} rows, but got {value.shape[0]}.")
+            if not lazy and rows.numel() < n:      # (rows are increasing: all n = every row)
+                value = value[rows.to(value.device)]
             store = self._store.get(name)
             if store is None or store.shape[1:] != value.shape[1:]:
                 store = torch.zeros((self.capacity, *value.shape[1:]), dtype=value.dtype,
                                     device=value.device)
                 self._store[name] = store
-            store[slots.to(store.device)] = value[rows_v.to(value.device)].detach().to(store.dtype)
+            store[slots.to(store.device)] = value.detach().to(store.dtype)
 
     def get(self, name: str) -> Optional[torch.Tensor]:
         """The kept rows of ``name`` (``(size, ...)``), or ``None`` if never given."""

@@ -116,3 +116,127 @@ def test_stores_keep_bank_and_extras_in_step_when_maps_are_not_finite():
         assert kept and not any(k[2] in (1, 4) for k in kept)        # the refused maps
         assert kept == {tuple(i) for i in store.extras.ids[c].tolist() if i[0] >= 0}
         assert all(store.extras.lookup_id("thumb", k) is not None for k in kept)
+
+
+def _stores(seed: int = 0, budget: int = 2 ** 22, max_per_class=4):
+    from fgvce_lightning import _monitor_steps as steps
+
+    return steps.Stores.build(
+        num_classes=3, feature_shape=(4, 3, 3), input_size=(12, 12), device=torch.device("cpu"),
+        dtype=torch.float32, feature_dtype=torch.float32, mistakes=5, budget_bytes=budget,
+        max_per_class=max_per_class, thumbnail_size=6, part_source="keypoints", num_annotated=2,
+        seed=seed)
+
+
+def _batches(num: int, size: int = 7):
+    from fgvce_lightning.collection import ParsedBatch
+
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(num):
+        feats = torch.randn(size, 4, 3, 3, generator=gen)
+        logits = torch.randn(size, 3, generator=gen)
+        labels = torch.randint(0, 3, (size,), generator=gen)
+        kp = torch.rand(size, 2, 3, generator=gen) * 12
+        out.append((feats, logits, ParsedBatch(torch.rand(size, 3, 12, 12, generator=gen), labels, kp,
+                                               torch.ones(size, 2, 12, 12, dtype=torch.bool))))
+    return out
+
+
+def _store_all(store, feats, logits, parsed, ids):
+    pred = logits.argmax(1)
+    store.check(feats, logits, parsed)
+    store.add(feats, parsed.labels, pred, pred != parsed.labels, ids, parsed)
+
+
+def test_batches_stored_together_leave_the_stores_exactly_as_one_by_one():
+    from fgvce_lightning import _monitor_steps as steps
+
+    batches = _batches(6)
+    one, together = _stores(), _stores()
+    for i, (feats, logits, parsed) in enumerate(batches):
+        b = feats.shape[0]
+        ids = torch.stack([torch.zeros(b), torch.full((b,), i), torch.arange(b)], 1).long()
+        _store_all(one, feats, logits, parsed, ids)
+    pending = steps.PendingBatches()
+    for i, (feats, logits, parsed) in enumerate(batches):
+        assert pending.fits(feats, logits, together.needed(parsed))
+        pending.push(feats, logits, together.needed(parsed), 0, i)
+        if i in (1, 4):                                   # three chunks: 2 + 3 + 1 batches
+            _store_all(together, *pending.take())
+    _store_all(together, *pending.take())
+    assert len(pending) == 0 and pending.nbytes == 0 and pending.take() is None
+    assert one.mistakes.seen == together.mistakes.seen == sum(
+        int((lg.argmax(1) != p.labels).sum()) for _, lg, p in batches)
+    assert one.mistakes.seen > one.mistakes.capacity      # the reservoir drew
+    for name in ("features", "true", "pred", "ids", "thumb", "parts"):
+        assert torch.equal(one.mistakes.get(name), together.mistakes.get(name)), name
+    for c in range(3):
+        for a, b in zip(one.bank.get(c), together.bank.get(c)):
+            assert torch.equal(a, b)
+    assert torch.equal(one.extras.ids, together.extras.ids)
+    assert torch.equal(one.extras._store["thumb"], together.extras._store["thumb"])
+    assert torch.equal(one.extras._store["parts"], together.extras._store["parts"])
+
+
+def test_pending_batches_hold_only_what_the_stores_use_and_refuse_mismatched_batches():
+    from fgvce_lightning import _monitor_steps as steps
+
+    store = _stores()
+    (feats, logits, parsed), = _batches(1)
+    slim = store.needed(parsed)
+    assert slim.keypoints is parsed.keypoints and slim.masks is None   # masks are not held
+    pending = steps.PendingBatches()
+    pending.push(feats, logits, slim, 2, 9)
+    assert pending.nbytes == sum(t.numel() * t.element_size()
+                                 for t in (feats, logits, slim.images, slim.labels, slim.keypoints))
+    assert not pending.fits(feats, logits, parsed)                      # masks present now
+    assert not pending.fits(feats[:, :, :2], logits, slim)              # another grid
+    assert not pending.fits(feats.double(), logits, slim)
+    other = type(slim)(torch.rand(7, 3, 10, 10), slim.labels, slim.keypoints)
+    assert not pending.fits(feats, logits, other)                       # another input size
+    assert pending.fits(feats[:3], logits[:3], type(slim)(slim.images[:3], slim.labels[:3],
+                                                          slim.keypoints[:3]))
+    pending.push(feats[:3], logits[:3], type(slim)(slim.images[:3], slim.labels[:3],
+                                                   slim.keypoints[:3]), 2, 10)
+    f, lg, p, ids = pending.take()
+    assert f.shape[0] == lg.shape[0] == p.images.shape[0] == p.keypoints.shape[0] == 10
+    assert ids.tolist() == [[2, 9, i] for i in range(7)] + [[2, 10, i] for i in range(3)]
+    with pytest.raises(ValueError, match="carry `keypoints`"):
+        store.check_shapes(feats, logits, type(slim)(slim.images, slim.labels))
+    with pytest.raises(ValueError, match="2 parts"):
+        store.check_shapes(feats, logits, type(slim)(slim.images, slim.labels, slim.keypoints[:, :1]))
+    with pytest.raises(ValueError, match="feature maps of shape"):
+        store.check_shapes(feats[:, :2], logits, slim)
+
+
+def test_the_memory_budget_counts_the_batches_waiting_to_be_stored():
+    assert _stores(budget=2 ** 30).pending_bytes == 32 * 2 ** 20           # capped
+    for budget in (2 ** 13, 2 ** 14, 2 ** 15):
+        store = _stores(budget=budget, max_per_class=None)
+        assert store.pending_bytes == budget // 32
+        for i, (feats, logits, parsed) in enumerate(_batches(60, size=16)):   # fill everything
+            b = feats.shape[0]
+            ids = torch.stack([torch.zeros(b), torch.full((b,), i), torch.arange(b)], 1).long()
+            _store_all(store, feats, logits, parsed, ids)
+        assert int(store.bank.counts().min()) == store.bank.capacity_per_class >= 1
+        # what the stores hold and three sets of waiting batches fit the budget, and one more
+        # reference per class would not
+        held = store.memory_bytes + 3 * store.pending_bytes
+        per_class = (store.bank.memory_bytes + store.extras.memory_bytes) / (
+            3 * store.bank.capacity_per_class)
+        assert held <= budget < held + 3 * per_class, (budget, held)
+
+
+def test_finite_rows_is_exact_for_nan_inf_and_overflowing_sums():
+    from fgvce_lightning.engine._util import finite_rows
+
+    x = torch.randn(6, 4, 3, 3)
+    x[1, 0, 0, 0] = float("nan")
+    x[2, 1, 1, 1] = float("inf")
+    x[3] = 3e38                                   # finite values whose sum overflows
+    x[4, 0, 0, 0], x[4, 0, 0, 1] = float("inf"), -float("inf")   # their sum is nan
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        y = x.to(dtype)
+        assert torch.equal(finite_rows(y), torch.isfinite(y).flatten(1).all(1)), dtype
+    assert finite_rows(torch.empty(0, 2, 2, 2)).shape == (0,)

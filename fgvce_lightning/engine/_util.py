@@ -17,6 +17,7 @@ __all__ = [
     "preserved_rng_state",
     "global_rng_left_alone",
     "check_feature_map",
+    "finite_rows",
 ]
 
 Head = Callable[[torch.Tensor], torch.Tensor]
@@ -174,3 +175,19 @@ def check_feature_map(features: object, name: str = "features") -> torch.Tensor:
         raise ValueError(f"Expected `{name}` to have a spatial grid of at least 2 cells, but got "
                          f"H×W = {features.shape[2]}×{features.shape[3]}. Split the model earlier.")
     return features
+
+
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` bool: which rows of ``x`` (``(B, ...)`` floating point) hold only finite values.
+
+    Exact, and cheaper than ``torch.isfinite(x).flatten(1).all(1)`` (which takes several passes
+    over ``x``): a row's float32 sum is finite only if every value is (NaN and ±inf propagate), so
+    one reduction settles all rows with a finite sum; the others (a NaN/inf, or an overflowing
+    sum of huge values) are checked value by value.
+    """
+    flat = x.flatten(1)
+    ok = torch.isfinite(flat.sum(1, dtype=torch.float32))
+    if not bool(ok.all()):
+        doubt = (~ok).nonzero().squeeze(1)
+        ok[doubt] = torch.isfinite(flat[doubt]).all(1)
+    return ok

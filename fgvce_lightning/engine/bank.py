@@ -11,6 +11,8 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ._util import finite_rows
+
 __all__ = ["ReferenceBank"]
 
 _ALLOWED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -189,16 +191,18 @@ class ReferenceBank:
             return 0
 
         feats = features.detach().to(device=self._device, dtype=self._dtype)
-        finite = torch.isfinite(feats).flatten(1).all(1)
-        rejected = int((~finite).sum())
-        feats, labels, ids = feats[finite], labels[finite], ids[finite]
+        finite = finite_rows(feats)
+        rejected = batch - int(finite.sum())
+        if rejected:                   # (boolean indexing copies: only where something goes)
+            feats, labels, ids = feats[finite], labels[finite], ids[finite]
         if labels.numel() == 0:
             return rejected
 
         keep, slots, per_class = ring_slots(labels, self._write, self._capacity)
-        labels = labels[keep]
-        self._features[labels, slots] = feats[keep]
-        self._ids[labels, slots] = ids[keep]
+        if not bool(keep.all()):
+            feats, labels, ids = feats[keep], labels[keep], ids[keep]
+        self._features[labels, slots] = feats
+        self._ids[labels, slots] = ids
         self._write = (self._write + per_class) % self._capacity
         self._counts = torch.clamp(self._counts + per_class, max=self._capacity)
         self._seen += per_class

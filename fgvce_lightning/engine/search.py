@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ._util import (Head, check_feature_map, evaluate_head, preserved_rng_state,
+from ._util import (Head, check_feature_map, evaluate_head, finite_rows, preserved_rng_state,
                     preserved_training_flags)
 from .bank import ReferenceBank
 from .candidates import (assign_region_references, cell_similarity, gradcam_scores,
@@ -225,7 +225,7 @@ def _prepare(head: Head, queries: torch.Tensor, true: object, pred: object, bank
     pred = _check_labels(pred, "pred", n, num_classes, device)
     query = queries.detach().float()
     reasons: list = [None] * n
-    finite = torch.isfinite(query).flatten(1).all(1)
+    finite = finite_rows(query)
     has_refs = bank.counts().to(device)[true] > 0
     logits = torch.zeros(n, num_classes, device=device)
     if bool(finite.any()):
