@@ -1,6 +1,8 @@
 """Cost of the CounterfactualMonitor: validation-epoch time with and without it, and its memory.
 
-Same model (the demo SmallCNN, briefly trained), same SyntheticBirds validation set, same process:
+Same model (the demo's SmallCNN, trained as ``fgvce demo`` trains it: 10 epochs on 2000 images, about
+0.9 accuracy), same SyntheticBirds validation set (1000 images, so that more than ``--max-samples``
+mistakes are there to explain), same process:
 
 1. ``N`` validation epochs *without* the monitor (``trainer.validate``, timed by a probe callback)
    and, alternating with them epoch by epoch,
@@ -42,7 +44,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from fgvce_lightning.callback import CounterfactualMonitor
 from fgvce_lightning.datasets import PART_NAMES
 from fgvce_lightning.datasets.synthetic import make_dataloaders
-from fgvce_lightning.demo import DemoClassifier
+from fgvce_lightning.demo import train_demo
 
 
 def _rss_mb() -> float:
@@ -170,8 +172,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20, help="validation epochs per setting")
     parser.add_argument("--max-samples", type=int, default=64)
-    parser.add_argument("--num-val", type=int, default=500)
-    parser.add_argument("--num-train", type=int, default=1000)
+    parser.add_argument("--num-val", type=int, default=1000)
+    parser.add_argument("--num-train", type=int, default=2000)
+    parser.add_argument("--train-epochs", type=int, default=10,
+                        help="epochs of the demo's training recipe before measuring")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--report-html", action="store_true", help="also write report.html")
@@ -190,13 +194,18 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    L.seed_everything(0, verbose=False)
-    train, val = make_dataloaders(args.num_train, args.num_val, batch_size=args.batch_size, seed=0)
-    model = DemoClassifier(num_classes=8, width=16)                # the demo's network
     root = tempfile.mkdtemp(prefix="bench_callback_")
     common = dict(accelerator=args.accelerator, devices=1, enable_progress_bar=False,
                   enable_model_summary=False, default_root_dir=root)
-    L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, **common).fit(model, train, val)
+    started = time.perf_counter()
+    _, model = train_demo(max_epochs=args.train_epochs, num_train=args.num_train,
+                          num_val=args.num_val, seed=0, accelerator=args.accelerator,
+                          enable_progress_bar=False, default_root_dir=root, logger=False,
+                          enable_checkpointing=False, limit_val_batches=0)
+    print(f"demo model trained ({args.train_epochs} epochs, {args.num_train} images) in "
+          f"{time.perf_counter() - started:.0f} s")
+    L.seed_everything(0, verbose=False)
+    train, val = make_dataloaders(args.num_train, args.num_val, batch_size=args.batch_size, seed=0)
     device = "cuda" if torch.cuda.is_available() and args.accelerator in ("auto", "gpu", "cuda") else "cpu"
 
     # warm-up (allocator, lazy imports), then the two alternately, epoch by epoch, so that drift

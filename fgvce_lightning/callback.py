@@ -76,8 +76,11 @@ class CounterfactualMonitor(Callback):
         time_budget_s: stop explaining after this many seconds (checked between chunks of
             ``explain_batch_size`` queries); ``None`` = no limit.
         memory_budget_mb: memory for the reference bank and the mistake buffer (on the model's
-            device; thumbnails and part labels, on the CPU, are counted too). The per-class bank
-            size follows from it, capped at ``max_references_per_class``.
+            device; thumbnails and part labels, on the CPU, are counted too), and for the
+            validation batches waiting to be stored: after the first, batches are stored several
+            at a time (cheaper than one by one), until they hold 1/32 of the budget (at most
+            32 MiB; up to three such sets exist at once). The per-class bank size follows from
+            it, capped at ``max_references_per_class``.
         max_references_per_class: most references kept per class (``None`` = as many as the budget
             allows). More references cost search time, not only memory.
         bank_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` storage of the feature maps.
@@ -107,10 +110,9 @@ class CounterfactualMonitor(Callback):
             weights. ``False``: explain synchronously at the end of the validation epoch. Under DDP,
             in ``trainer.validate`` and with an explicit ``head`` callable that is not an
             ``nn.Module``, the explanation always runs synchronously. Unless ``False``, the
-            per-batch bookkeeping of the collection (reservoir, bank, thumbnails, part labels)
-            also runs on a thread of its own, in batch order, where it has a core to itself (on a
-            GPU, or when torch's threads leave a CPU core free); at most two batches wait for it
-            (their feature maps and images are held until stored).
+            bookkeeping of the collection (reservoir, bank, thumbnails, part labels) also runs on
+            a thread of its own, in batch order, where it has a core to itself (on a GPU, or when
+            torch's threads leave a CPU core free).
         **search_options: :class:`SearchConfig` fields.
 
     Logged scalars (through ``log_metrics`` of every logger; ``P`` = ``prefix``): ``P/flip_rate``,
@@ -447,7 +449,8 @@ class CounterfactualMonitor(Callback):
         self._pending = steps.PendingBatches()
 
         def store_them() -> None:
-            taken = waiting.take()
+            with torch.inference_mode(False), torch.no_grad():
+                taken = waiting.take()
             if taken is not None:
                 self._store_batch(store, *taken)
 
