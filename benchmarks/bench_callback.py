@@ -139,6 +139,7 @@ def fit_benchmark(args, model, train, val, root: str, device: str) -> dict:
                                             background=background,
                                             report_dir=os.path.join(root, f"fit_{name}"))
             callbacks.append(monitor)
+            hook_s = _time_hooks(monitor, ("on_validation_epoch_start", "on_validation_epoch_end"))
         callbacks.append(_EpochClockEnd(clock))
         logger = TensorBoardLogger(root, name=f"fit_{name}")
         trained = copy.deepcopy(model)
@@ -148,8 +149,11 @@ def fit_benchmark(args, model, train, val, root: str, device: str) -> dict:
                   num_sanity_val_steps=0, callbacks=callbacks).fit(trained, train, val)
         weights[name] = [p.detach().clone() for p in trained.parameters()]
         out[name] = {"val_s": med(clock.val[1:]), "epoch_s": med(clock.epochs[1:]),
+                     "val_per_epoch": clock.val, "epoch_per_epoch": clock.epochs,
                      "explained_epochs": monitor.num_explained_epochs if monitor else 0,
-                     "background_s": monitor.last_background_s if monitor else None}
+                     "background_s": monitor.last_background_s if monitor else None,
+                     "monitor_epoch_start_s": med(hook_s["on_validation_epoch_start"][1:]) if monitor else 0.0,
+                     "monitor_epoch_end_s": med(hook_s["on_validation_epoch_end"][1:]) if monitor else 0.0}
     same = all(all(torch.equal(a, b) for a, b in zip(weights["without"], weights[k]))
                for k in ("background", "synchronous"))
     base = out["without"]
@@ -164,8 +168,32 @@ def fit_benchmark(args, model, train, val, root: str, device: str) -> dict:
         bg = "" if row["background_s"] is None else f"{row['background_s']:.2f}"
         print(f"{name:>12} {row['val_s']:>11.3f} {row['val_ratio']:>6.3f} {row['epoch_s']:>13.3f} "
               f"{row['epoch_ratio']:>6.3f} {row['explained_epochs']:>9} {bg:>12}")
+    for name, row in out.items():
+        print(f"{name:>12} per epoch: validation " + " ".join(f"{v:.3f}" for v in row["val_per_epoch"])
+              + " | whole " + " ".join(f"{v:.3f}" for v in row["epoch_per_epoch"]))
+    for name in ("background", "synchronous"):
+        print(f"{name:>12}: the monitor's validation epoch start (waits for the previous epoch's "
+              f"background explanation) {out[name]['monitor_epoch_start_s'] * 1e3:.1f} ms, its epoch "
+              f"end (stores the last batches; explains or starts the background job) "
+              f"{out[name]['monitor_epoch_end_s'] * 1e3:.1f} ms (medians)")
     out["weights_identical"] = same
     return out
+
+
+def _time_hooks(monitor, names) -> dict:
+    """Wrap the monitor's hooks ``names`` to record their wall times (in place)."""
+    times: dict = {name: [] for name in names}
+    for name in names:
+        inner = getattr(monitor, name)
+
+        def timed(*args, _inner=inner, _name=name, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _inner(*args, **kwargs)
+            finally:
+                times[_name].append(time.perf_counter() - start)
+        setattr(monitor, name, timed)
+    return times
 
 
 def main() -> None:
