@@ -224,12 +224,17 @@ class PendingBatches:
                 return False
         return True
 
+    @classmethod
+    def nbytes_of(cls, feats: torch.Tensor, logits: torch.Tensor, parsed: ParsedBatch) -> int:
+        """Bytes a batch holds while it waits."""
+        return sum(t.numel() * t.element_size()
+                   for t in cls._tensors(feats, logits, parsed) if t is not None)
+
     def push(self, feats: torch.Tensor, logits: torch.Tensor, parsed: ParsedBatch,
              dataloader_idx: int, batch_idx: int) -> None:
         """Add a batch (call :meth:`fits` first)."""
         self.items.append((feats, logits, parsed, (int(dataloader_idx), int(batch_idx))))
-        self.nbytes += sum(t.numel() * t.element_size()
-                           for t in self._tensors(feats, logits, parsed) if t is not None)
+        self.nbytes += self.nbytes_of(feats, logits, parsed)
 
     def clear(self) -> None:
         self.items, self.nbytes = [], 0

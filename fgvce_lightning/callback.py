@@ -78,8 +78,8 @@ class CounterfactualMonitor(Callback):
         memory_budget_mb: memory for the reference bank and the mistake buffer (on the model's
             device; thumbnails and part labels, on the CPU, are counted too), and for the
             validation batches waiting to be stored: after the first, batches are stored several
-            at a time (cheaper than one by one), until they hold 1/32 of the budget (at most
-            32 MiB; up to three such sets exist at once). The per-class bank size follows from
+            at a time (cheaper than one by one), up to 1/32 of the budget (at most 32 MiB; a
+            larger batch is stored alone; up to three such sets exist at once). The per-class bank size follows from
             it, capped at ``max_references_per_class``.
         max_references_per_class: most references kept per class (``None`` = as many as the budget
             allows). More references cost search time, not only memory.
@@ -429,11 +429,14 @@ class CounterfactualMonitor(Callback):
 
     def _queue_batch(self, store: "steps.Stores", feats: torch.Tensor, logits: torch.Tensor,
                      parsed: ParsedBatch, dataloader_idx: int, batch_idx: int) -> None:
-        """Hold the batch until the waiting ones reach the stores' ``pending_bytes``, then store
-        them together (inline, or on the collection thread in batch order)."""
+        """Hold the batch with the waiting ones, storing those first when it would take them past
+        the stores' ``pending_bytes`` (a batch larger than that alone is stored at once), inline
+        or on the collection thread, in batch order."""
         store.check_shapes(feats, logits, parsed)
         parsed = store.needed(parsed)
-        if not self._pending.fits(feats, logits, parsed):
+        size = steps.PendingBatches.nbytes_of(feats, logits, parsed)
+        if (not self._pending.fits(feats, logits, parsed)
+                or self._pending.nbytes + size > store.pending_bytes):
             self._flush_pending()
         self._pending.push(feats, logits, parsed, dataloader_idx, batch_idx)
         if self._pending.nbytes >= store.pending_bytes:

@@ -237,3 +237,26 @@ def test_batches_are_stored_inline_when_torch_uses_every_core(tmp_path, monkeypa
     assert inline._collector is None and threaded._collector is not None
     assert inline.summaries[0]["num_misclassified"] == threaded.summaries[0]["num_misclassified"] > 0
     assert _edits(tmp_path / "inline" / "r") == _edits(tmp_path / "thread" / "r")
+
+
+def test_batches_wait_and_are_stored_together_up_to_the_budget_share(tmp_path, monkeypatch):
+    monkeypatch.setattr(_background, "spare_cpu", lambda: False)
+    calls = []
+    add = steps.Stores.add
+
+    def recording(self, feats, labels, pred, wrong, ids, parsed):
+        calls.append(sorted(set(ids[:, 1].tolist())))
+        return add(self, feats, labels, pred, wrong, ids, parsed)
+
+    monkeypatch.setattr(steps.Stores, "add", recording)
+    together, _ = _fit(tmp_path / "together", max_epochs=1)       # 4 validation batches of 16
+    # the sanity check checked the configuration, so all four wait for the epoch's end
+    assert calls == [[0, 1, 2, 3]]
+    assert together._store.pending_bytes == 512 * 2 ** 20 // 32
+    calls.clear()
+    monkeypatch.setattr(steps, "_PENDING_MAX_BYTES", 1)          # no batch fits: one at a time
+    alone, _ = _fit(tmp_path / "alone", max_epochs=1)
+    assert calls == [[0], [1], [2], [3]]
+    assert alone._pending.nbytes == 0 and len(alone._pending) == 0
+    assert _edits(tmp_path / "together" / "r") == _edits(tmp_path / "alone" / "r")
+    assert together.summaries[0]["num_misclassified"] == alone.summaries[0]["num_misclassified"]
