@@ -7,8 +7,8 @@ mistakes are there to explain), same process:
 1. ``N`` validation epochs *without* the monitor (``trainer.validate``, timed by a probe callback)
    and, alternating with them epoch by epoch,
 2. ``N`` validation epochs *with* it (explaining ``--max-samples`` mistakes per epoch), timing
-   separately the collection (first batch start → the last batch stored by the monitor's
-   collection thread) and the explanation (the monitor's epoch end: search, parts, statistics,
+   separately the collection (first batch start → the last batch stored, inline or by the
+   monitor's collection thread) and the explanation (the monitor's epoch end: search, parts, statistics,
    TensorBoard, report);
 3. the memory the monitor holds (bank + buffers bytes) and the process RSS (or
    ``torch.cuda.max_memory_allocated`` on GPU) after each of the ``N`` epochs: it must stay flat.
@@ -66,8 +66,10 @@ class _Clock(L.Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if self.monitor is not None:
-            # the last batches may still be on the monitor's collection thread: collection ends
-            # when they are stored (the monitor's own epoch end would wait for them next)
+            # the last batches still wait to be stored, or are on the monitor's collection thread:
+            # collection ends when they are stored (the monitor's own epoch end would do it next)
+            with torch.inference_mode(False), torch.no_grad():
+                self.monitor._flush_pending()
             self.monitor._drain_collection()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -139,7 +141,10 @@ def fit_benchmark(args, model, train, val, root: str, device: str) -> dict:
                                             background=background,
                                             report_dir=os.path.join(root, f"fit_{name}"))
             callbacks.append(monitor)
-            hook_s = _time_hooks(monitor, ("on_validation_epoch_start", "on_validation_epoch_end"))
+            hook_s = _time_hooks(monitor, ("on_validation_epoch_start", "on_validation_epoch_end",
+                                           "on_validation_batch_start", "on_validation_batch_end"))
+            epoch_hooks = _EpochSums(hook_s, ("on_validation_batch_start", "on_validation_batch_end"))
+            callbacks.append(epoch_hooks)
         callbacks.append(_EpochClockEnd(clock))
         logger = TensorBoardLogger(root, name=f"fit_{name}")
         trained = copy.deepcopy(model)
@@ -153,7 +158,8 @@ def fit_benchmark(args, model, train, val, root: str, device: str) -> dict:
                      "explained_epochs": monitor.num_explained_epochs if monitor else 0,
                      "background_s": monitor.last_background_s if monitor else None,
                      "monitor_epoch_start_s": med(hook_s["on_validation_epoch_start"][1:]) if monitor else 0.0,
-                     "monitor_epoch_end_s": med(hook_s["on_validation_epoch_end"][1:]) if monitor else 0.0}
+                     "monitor_epoch_end_s": med(hook_s["on_validation_epoch_end"][1:]) if monitor else 0.0,
+                     "monitor_batch_hooks_s": med(epoch_hooks.sums[1:]) if monitor else 0.0}
     same = all(all(torch.equal(a, b) for a, b in zip(weights["without"], weights[k]))
                for k in ("background", "synchronous"))
     base = out["without"]
@@ -175,9 +181,25 @@ def fit_benchmark(args, model, train, val, root: str, device: str) -> dict:
         print(f"{name:>12}: the monitor's validation epoch start (waits for the previous epoch's "
               f"background explanation) {out[name]['monitor_epoch_start_s'] * 1e3:.1f} ms, its epoch "
               f"end (stores the last batches; explains or starts the background job) "
-              f"{out[name]['monitor_epoch_end_s'] * 1e3:.1f} ms (medians)")
+              f"{out[name]['monitor_epoch_end_s'] * 1e3:.1f} ms, its batch hooks "
+              f"{out[name]['monitor_batch_hooks_s'] * 1e3:.1f} ms per validation epoch (medians)")
     out["weights_identical"] = same
     return out
+
+
+class _EpochSums(L.Callback):
+    """Per validation epoch: the summed times of the hooks ``names`` recorded by :func:`_time_hooks`."""
+
+    def __init__(self, times: dict, names) -> None:
+        self.times, self.names, self.sums = times, names, []
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        for name in self.names:
+            self.times[name].clear()
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.sums.append(sum(sum(self.times[name]) for name in self.names))
 
 
 def _time_hooks(monitor, names) -> dict:
@@ -247,13 +269,18 @@ def main() -> None:
     clock, stop = _Clock(monitor), _Stop()
     logger = TensorBoardLogger(root, name="tb")
     trainer = L.Trainer(logger=logger, callbacks=[clock, monitor, stop], **common)
-    base, collect, total, explain, held, rss, gpu = [], [], [], [], [], [], []
+    base, collect, total, explain, held, rss, gpu, on_loop = [], [], [], [], [], [], [], []
+    batch_hooks = ("on_validation_batch_start", "on_validation_batch_end")
+    hook_s = _time_hooks(monitor, batch_hooks)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.epochs):
         base_trainer.validate(model, val, verbose=False)
         base.append(base_stop.end - base_clock.start)
+        for name in batch_hooks:
+            hook_s[name].clear()
         trainer.validate(model, val, verbose=False)
+        on_loop.append(sum(sum(hook_s[name]) for name in batch_hooks))
         collect.append(clock.collected - clock.start)
         total.append(stop.end - clock.start)
         explain.append(stop.end - clock.collected)
@@ -280,6 +307,7 @@ def main() -> None:
         "device": device, "baseline_s": med(base), "collect_s": med(collect),
         "explain_s": med(explain), "total_s": med(total),
         "collection_ratio": med(collect) / med(base), "total_ratio": med(total) / med(base),
+        "batch_hooks_s": med(on_loop), "num_batches": len(val),
         "held_mb_first_last": [held[0] / 2 ** 20, held[-1] / 2 ** 20],
         "rss_mb_second_last": [rss[1] if len(rss) > 1 else rss[0], rss[-1]],
         "gpu_peak_mb_first_last": [gpu[0], gpu[-1]] if gpu else None,
@@ -288,6 +316,9 @@ def main() -> None:
           f"collection {numbers['collect_s']:.3f} s (ratio {numbers['collection_ratio']:.3f}), "
           f"explanation {numbers['explain_s']:.3f} s, total {numbers['total_s']:.3f} s "
           f"(ratio {numbers['total_ratio']:.3f})")
+    print(f"the monitor's batch hooks on the validation loop (capture; the bookkeeping where it "
+          f"runs inline): {numbers['batch_hooks_s'] * 1e3:.1f} ms per epoch, "
+          f"{numbers['batch_hooks_s'] * 1e3 / len(val):.2f} ms per batch (median)")
     print(f"memory held by the monitor: {held[0] / 2 ** 20:.2f} MB → {held[-1] / 2 ** 20:.2f} MB; "
           f"RSS epoch 1 → {args.epochs - 1}: {numbers['rss_mb_second_last'][0]:.1f} → "
           f"{numbers['rss_mb_second_last'][1]:.1f} MB")
