@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
+from .engine._util import copy_rows
 from .engine.bank import ring_slots
 
 __all__ = ["ParsedBatch", "parse_batch", "make_thumbnails", "MistakeBuffer", "ReferenceExtras"]
@@ -208,13 +209,13 @@ class MistakeBuffer:
             if value.shape[0] != expected:
                 raise ValueError(f"Expected `{name}` to have {expected} rows, but got {value.shape[0]}.")
             if not lazy and rows.numel() < n:      # (rows are increasing: all n = every row)
-                value = value[rows.to(value.device)]
+                value = value.index_select(0, rows.to(value.device))
             store = self._store.get(name)
             if store is None or store.shape[1:] != value.shape[1:]:
                 store = torch.zeros((self.capacity, *value.shape[1:]), dtype=value.dtype,
                                     device=value.device)
                 self._store[name] = store
-            store[slots.to(store.device)] = value.detach().to(store.dtype)
+            copy_rows(store, slots, value)
 
     def get(self, name: str) -> Optional[torch.Tensor]:
         """The kept rows of ``name`` (``(size, ...)``), or ``None`` if never given."""
@@ -261,17 +262,20 @@ class ReferenceExtras:
         # the same ring-buffer placement as the ReferenceBank, so both keep the same samples
         keep, slot_in_class, per_class = ring_slots(labels, self.count % self.capacity,
                                                     self.capacity)
+        every = bool(keep.all())
         rows = torch.arange(n)[keep]
         slots = labels[keep] * self.capacity + slot_in_class
         self.count += per_class
-        self.ids.view(-1, self.ids.shape[-1])[slots] = ids[rows]
+        self.ids.view(-1, self.ids.shape[-1])[slots] = ids if every else ids[rows]
         for name, value in tensors.items():
             store = self._store.get(name)
             if store is None or store.shape[2:] != value.shape[1:]:
                 store = torch.zeros((self.num_classes, self.capacity, *value.shape[1:]),
                                     dtype=value.dtype)
                 self._store[name] = store
-            store.view(-1, *store.shape[2:])[slots] = value[rows].detach().cpu()
+            value = value.detach().cpu()
+            copy_rows(store.view(-1, *store.shape[2:]), slots,
+                      value if every else value.index_select(0, rows))
 
     def lookup(self, name: str, classes: torch.Tensor, ids: torch.Tensor) -> list[Optional[torch.Tensor]]:
         """The extras ``name`` of the samples ``ids (M, id_width)`` of ``classes (M,)`` (``None`` if gone)."""

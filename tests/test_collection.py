@@ -240,3 +240,25 @@ def test_finite_rows_is_exact_for_nan_inf_and_overflowing_sums():
         y = x.to(dtype)
         assert torch.equal(finite_rows(y), torch.isfinite(y).flatten(1).all(1)), dtype
     assert finite_rows(torch.empty(0, 2, 2, 2)).shape == (0,)
+
+
+def test_copy_rows_matches_indexed_assignment_for_every_dtype_and_layout():
+    from fgvce_lightning.engine._util import copy_rows
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype, shape in ((torch.uint8, (3, 4, 4)), (torch.uint8, (3, 5, 5)),   # words / bytes
+                         (torch.bool, (2, 4, 4)), (torch.float32, (2, 3)), (torch.int64, (3,))):
+        dest = (torch.rand(9, *shape, generator=gen) * 200).to(dtype)
+        src = (torch.rand(4, *shape, generator=gen) * 200).to(dtype)
+        index = torch.tensor([7, 0, 3, 5])
+        expected = dest.clone()
+        expected[index] = src
+        copy_rows(dest, index, src)
+        assert torch.equal(dest, expected), (dtype, shape)
+    store = torch.zeros(2, 5, 3, 8, 8, dtype=torch.uint8)     # a view of a (class, slot) store
+    rows = torch.full((2, 3, 8, 8), 7, dtype=torch.uint8)
+    copy_rows(store.view(-1, 3, 8, 8), torch.tensor([1, 8]), rows)
+    assert store[0, 1].eq(7).all() and store[1, 3].eq(7).all() and int(store.sum()) == 7 * 2 * 192
+    odd = torch.zeros(10, 3, 8, dtype=torch.uint8)[:, :, 1:]    # not contiguous: written through
+    copy_rows(odd, torch.tensor([2]), torch.ones(1, 3, 7, dtype=torch.uint8))
+    assert int(odd.sum()) == 21 and odd[2].eq(1).all()

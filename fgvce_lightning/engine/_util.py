@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from typing import Callable, Iterator, Optional
 
@@ -18,6 +19,7 @@ __all__ = [
     "global_rng_left_alone",
     "check_feature_map",
     "finite_rows",
+    "copy_rows",
 ]
 
 Head = Callable[[torch.Tensor], torch.Tensor]
@@ -191,3 +193,32 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
         doubt = (~ok).nonzero().squeeze(1)
         ok[doubt] = torch.isfinite(flat[doubt]).all(1)
     return ok
+
+
+def _words(t: torch.Tensor) -> torch.Tensor:
+    """``t`` ``(N, ...)`` as ``(N, W)`` 8-byte words when its rows allow, else ``(N, -1)``.
+
+    Row copies (``index_copy_``, ``index_put_``) of byte-sized elements (uint8 thumbnails) go
+    element by element on the CPU: as int64 words the same bytes copy about 7 times faster.
+    """
+    flat = t.view(t.shape[0], math.prod(t.shape[1:]))    # (callers pass contiguous tensors)
+    if t.element_size() < 8 and flat.shape[1] * t.element_size() % 8 == 0:
+        try:
+            return flat.view(torch.int64)
+        except RuntimeError:         # misaligned storage offset: copy as it is
+            pass
+    return flat
+
+
+def copy_rows(dest: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+    """``dest[index] = src`` for rows (``index`` without repeats), as 8-byte words where possible."""
+    src = src.detach().to(device=dest.device, dtype=dest.dtype).contiguous()
+    index = index.to(dest.device)
+    if not dest.is_contiguous():     # (a reshape could copy: write through dest itself)
+        dest.index_copy_(0, index, src)
+        return
+    target, rows = _words(dest), _words(src)
+    if target.dtype != rows.dtype:   # (only one of them could be viewed as words)
+        width = math.prod(dest.shape[1:])
+        target, rows = dest.view(dest.shape[0], width), src.view(src.shape[0], width)
+    target.index_copy_(0, index, rows)

@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ._util import finite_rows
+from ._util import copy_rows, finite_rows
 
 __all__ = ["ReferenceBank"]
 
@@ -201,8 +201,9 @@ class ReferenceBank:
         keep, slots, per_class = ring_slots(labels, self._write, self._capacity)
         if not bool(keep.all()):
             feats, labels, ids = feats[keep], labels[keep], ids[keep]
-        self._features[labels, slots] = feats
-        self._ids[labels, slots] = ids
+        flat = labels * self._capacity + slots
+        copy_rows(self._features.view(-1, *self._feature_shape), flat, feats)
+        self._ids.view(-1, self._id_width)[flat] = ids
         self._write = (self._write + per_class) % self._capacity
         self._counts = torch.clamp(self._counts + per_class, max=self._capacity)
         self._seen += per_class
