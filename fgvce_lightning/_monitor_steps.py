@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 
     from .callback import CounterfactualMonitor
 
-__all__ = ["Stores", "PendingBatches", "RunInfo", "search_local", "sync_prototypes", "make_samples", "gather",
-           "build_result", "publish", "publish_panels", "log_scalars", "summary"]
+__all__ = ["Stores", "PendingBatches", "RunInfo", "search_local", "sync_prototypes", "make_samples",
+           "gather", "build_result", "publish", "publish_panels", "log_scalars", "summary"]
 
 _PROTOTYPE_CELLS = 8192   # most bank feature maps' cells the part prototypes are fitted on per epoch
 _PENDING_MAX_BYTES = 32 * 2 ** 20   # most bytes of validation batches waiting to be stored together
@@ -146,9 +146,9 @@ class Stores:
             ids: torch.Tensor, parsed: ParsedBatch) -> None:
         """Correct samples go to the bank, mistakes to the reservoir, with thumbnails and parts.
 
-        Runs once per validation batch, so it gathers each row it keeps once (index lists, not
-        boolean masks: those copy) and computes the mistakes' maps, thumbnails and labels only
-        for the rows the reservoir keeps.
+        Runs on every set of validation batches (:class:`PendingBatches`), so it gathers each row
+        it keeps once (index lists, not boolean masks) and computes the mistakes' maps,
+        thumbnails and labels only for the rows the reservoir keeps.
         """
         images, size = parsed.images, self.thumbnail_size
         parts = self.cell_parts(parsed)

@@ -79,8 +79,8 @@ class CounterfactualMonitor(Callback):
             device; thumbnails and part labels, on the CPU, are counted too), and for the
             validation batches waiting to be stored: after the first, batches are stored several
             at a time (cheaper than one by one), up to 1/32 of the budget (at most 32 MiB; a
-            larger batch is stored alone; up to three such sets exist at once). The per-class bank size follows from
-            it, capped at ``max_references_per_class``.
+            larger batch is stored alone; up to three such sets exist at once). The per-class
+            bank size follows from it, capped at ``max_references_per_class``.
         max_references_per_class: most references kept per class (``None`` = as many as the budget
             allows). More references cost search time, not only memory.
         bank_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` storage of the feature maps.
