@@ -68,8 +68,7 @@ class _Clock(L.Callback):
         if self.monitor is not None:
             # the last batches still wait to be stored, or are on the monitor's collection thread:
             # collection ends when they are stored (the monitor's own epoch end would do it next)
-            with torch.inference_mode(False), torch.no_grad():
-                self.monitor._flush_pending()
+            self.monitor._flush_pending()
             self.monitor._drain_collection()
         if torch.cuda.is_available():
             torch.cuda.synchronize()

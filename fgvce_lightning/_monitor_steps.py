@@ -243,7 +243,8 @@ class PendingBatches:
         """The waiting batches as one: ``(feats, logits, parsed, ids)`` with ``ids (B, 3)`` =
         ``(dataloader_idx, batch_idx, index in the batch)``; ``None`` when none wait. Empties
         the queue."""
-        items, _ = self.items, self.clear()
+        items = self.items
+        self.clear()
         if not items:
             return None
         feats, logits, parsed, where = items[0]

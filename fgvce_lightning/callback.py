@@ -407,8 +407,7 @@ class CounterfactualMonitor(Callback):
             # the global RNG is guarded where the model runs (`_model_call`); the stores draw
             # from their own generators
             with torch.inference_mode(False), torch.no_grad():
-                prepared = self._collect(trainer, pl_module, batch, captured, batch_idx,
-                                         dataloader_idx, captured_logits)
+                prepared = self._collect(trainer, pl_module, batch, captured, captured_logits)
                 if prepared is not None:
                     store, feats, logits, parsed = prepared
                     if self._checked:
@@ -494,10 +493,10 @@ class CounterfactualMonitor(Callback):
             self._stop_collecting(worker.errors)
 
     def _collect(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
-                 captured: Optional[torch.Tensor], batch_idx: int, dataloader_idx: int,
+                 captured: Optional[torch.Tensor],
                  captured_logits: Optional[torch.Tensor] = None) -> Optional[tuple]:
         """The batch's features and logits, on the training thread (it may run the model); returns
-        the arguments of :meth:`_store_batch`, or ``None`` while sanity checking."""
+        ``(stores, feats, logits, parsed)``, or ``None`` while sanity checking."""
         parsed = parse_batch(batch, self.batch_parser)
         feats = self._features_for(parsed, captured, pl_module)
         logits = None
@@ -620,8 +619,7 @@ class CounterfactualMonitor(Callback):
         self._remove_hook()
         if self._active:
             try:
-                with torch.inference_mode(False), torch.no_grad():
-                    self._flush_pending()
+                self._flush_pending()      # (it leaves inference mode itself)
             except Exception as err:  # noqa: BLE001 - counted like any failed collection
                 self._stop_collecting([err])
         self._pending.clear()
