@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -130,6 +131,49 @@ def test_background_job_runs_at_lower_priority_than_the_caller():
     mine = nice()
     assert BackgroundJob(nice).wait() == min(19, mine + 10)
     assert nice() == mine                                  # the training thread is untouched
+
+
+def test_background_threads_shorten_the_switch_interval_while_they_work():
+    default = sys.getswitchinterval()
+    assert default > _background.SWITCH_INTERVAL_S
+    assert BackgroundJob(sys.getswitchinterval).wait() == pytest.approx(_background.SWITCH_INTERVAL_S)
+    assert sys.getswitchinterval() == default              # put back when the job ends
+    worker = SerialWorker(max_pending=2)
+    seen: list = []
+    worker.submit(lambda: seen.append(sys.getswitchinterval()))
+    assert worker.drain(10)
+    assert seen == [pytest.approx(_background.SWITCH_INTERVAL_S)]
+    assert sys.getswitchinterval() == default
+
+
+def test_short_gil_turns_is_shared_across_threads_and_respects_the_users_setting():
+    default = sys.getswitchinterval()
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with _background.short_gil_turns():
+            inside.set()
+            release.wait(10)
+    other = threading.Thread(target=hold)
+    other.start()
+    assert inside.wait(10)
+    with _background.short_gil_turns():
+        assert sys.getswitchinterval() == pytest.approx(_background.SWITCH_INTERVAL_S)
+    # the other thread still works: its short interval stays until it is done
+    assert sys.getswitchinterval() == pytest.approx(_background.SWITCH_INTERVAL_S)
+    release.set()
+    other.join(10)
+    assert sys.getswitchinterval() == default
+    try:
+        with _background.short_gil_turns():
+            sys.setswitchinterval(0.01)                     # the user's own choice meanwhile
+        assert sys.getswitchinterval() == pytest.approx(0.01)
+        sys.setswitchinterval(1e-4)                         # already shorter than ours: left alone
+        with _background.short_gil_turns():
+            assert sys.getswitchinterval() == pytest.approx(1e-4)
+        assert sys.getswitchinterval() == pytest.approx(1e-4)
+    finally:
+        sys.setswitchinterval(default)
 
 
 def test_job_that_escapes_with_an_exception_is_counted_not_raised(tmp_path, monkeypatch):
