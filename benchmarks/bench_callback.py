@@ -19,11 +19,13 @@ Prints a table and the ratios (collection-only and total), e.g.::
 
 ``trainer.validate`` always explains synchronously. While *fitting*, the monitor explains in the
 background by default (a frozen copy of the model on a worker thread) so the next training epoch
-does not wait: step 4 (``--fit-epochs``, 0 to skip) trains the same seeded model three times — without the
-monitor, with it in the background, with it synchronous (``background=False``) — and prints the
-median validation-epoch time (from the first callback's epoch start, so it includes any wait for
-the previous epoch's background explanation, to the last callback's epoch end) and the median
-whole-epoch wall time (training + validation), each as a ratio to the run without the monitor.
+does not wait: step 4 (``--fit-epochs``, 0 to skip) trains the same seeded model without the
+monitor, with it in the background and with it synchronous (``background=False``), those three
+fits ``--fit-repeats`` times in turn (so that drift of the machine's speed affects all three
+alike), and prints the median over every repeat's epochs 1.. of the validation-epoch time (from
+the first callback's epoch start, so it includes any wait for the previous epoch's background
+explanation, to the last callback's epoch end) and of the whole-epoch wall time (training +
+validation), each as a ratio to the run without the monitor, and the ratio per repeat.
 """
 
 from __future__ import annotations
@@ -122,60 +124,88 @@ class _EpochClockEnd(L.Callback):
             self.clock.val.append(self.clock._now() - self.clock.val_start)
 
 
+def _fit_once(args, model, train, val, root: str, name: str, background, repeat: int) -> dict:
+    """One seeded fit of a copy of ``model``; per-epoch validation and whole-epoch times."""
+    L.seed_everything(1, verbose=False)
+    clock = _EpochClock()
+    callbacks = [clock]
+    monitor = None
+    if background is not None:
+        monitor = CounterfactualMonitor(max_samples=args.max_samples, part_names=PART_NAMES,
+                                        report_html=args.report_html, log_images=args.log_images,
+                                        background=background,
+                                        report_dir=os.path.join(root, f"fit_{name}_{repeat}"))
+        callbacks.append(monitor)
+        hook_s = _time_hooks(monitor, ("on_validation_epoch_start", "on_validation_epoch_end",
+                                       "on_validation_batch_start", "on_validation_batch_end"))
+        epoch_hooks = _EpochSums(hook_s, ("on_validation_batch_start", "on_validation_batch_end"))
+        callbacks.append(epoch_hooks)
+    callbacks.append(_EpochClockEnd(clock))
+    logger = TensorBoardLogger(root, name=f"fit_{name}_{repeat}")
+    trained = copy.deepcopy(model)
+    L.Trainer(max_epochs=args.fit_epochs, logger=logger, enable_checkpointing=True,
+              accelerator=args.accelerator, devices=1, enable_progress_bar=False,
+              enable_model_summary=False, default_root_dir=os.path.join(root, f"{name}_{repeat}"),
+              num_sanity_val_steps=0, callbacks=callbacks).fit(trained, train, val)
+    return {"weights": [p.detach().clone() for p in trained.parameters()],
+            "val": clock.val[1:], "epoch": clock.epochs[1:],       # epoch 0 builds the stores
+            "explained_epochs": monitor.num_explained_epochs if monitor else 0,
+            "background_s": monitor.last_background_s if monitor else None,
+            "epoch_start": hook_s["on_validation_epoch_start"][1:] if monitor else [],
+            "epoch_end": hook_s["on_validation_epoch_end"][1:] if monitor else [],
+            "batch_hooks": epoch_hooks.sums[1:] if monitor else []}
+
+
 def fit_benchmark(args, model, train, val, root: str, device: str) -> dict:
-    """Train copies of ``model`` without / with the monitor (background, synchronous)."""
+    """Train copies of ``model`` without / with the monitor (background, synchronous),
+    ``--fit-repeats`` times in turn, so that drift of the machine's speed affects all alike."""
     med = statistics.median
-    out: dict = {}
-    weights = {}
+    runs = (("without", None), ("background", True), ("synchronous", False))
+    pooled: dict = {name: [] for name, _ in runs}
     shuffle_state = train.generator.get_state()
-    for name, background in (("without", None), ("background", True), ("synchronous", False)):
-        L.seed_everything(1, verbose=False)
-        train.generator.set_state(shuffle_state)            # the same batches in every run
-        clock = _EpochClock()
-        callbacks = [clock]
-        monitor = None
-        if background is not None:
-            monitor = CounterfactualMonitor(max_samples=args.max_samples, part_names=PART_NAMES,
-                                            report_html=args.report_html, log_images=args.log_images,
-                                            background=background,
-                                            report_dir=os.path.join(root, f"fit_{name}"))
-            callbacks.append(monitor)
-            hook_s = _time_hooks(monitor, ("on_validation_epoch_start", "on_validation_epoch_end",
-                                           "on_validation_batch_start", "on_validation_batch_end"))
-            epoch_hooks = _EpochSums(hook_s, ("on_validation_batch_start", "on_validation_batch_end"))
-            callbacks.append(epoch_hooks)
-        callbacks.append(_EpochClockEnd(clock))
-        logger = TensorBoardLogger(root, name=f"fit_{name}")
-        trained = copy.deepcopy(model)
-        L.Trainer(max_epochs=args.fit_epochs, logger=logger, enable_checkpointing=True,
-                  accelerator=args.accelerator, devices=1, enable_progress_bar=False,
-                  enable_model_summary=False, default_root_dir=os.path.join(root, name),
-                  num_sanity_val_steps=0, callbacks=callbacks).fit(trained, train, val)
-        weights[name] = [p.detach().clone() for p in trained.parameters()]
-        out[name] = {"val_s": med(clock.val[1:]), "epoch_s": med(clock.epochs[1:]),
-                     "val_per_epoch": clock.val, "epoch_per_epoch": clock.epochs,
-                     "explained_epochs": monitor.num_explained_epochs if monitor else 0,
-                     "background_s": monitor.last_background_s if monitor else None,
-                     "monitor_epoch_start_s": med(hook_s["on_validation_epoch_start"][1:]) if monitor else 0.0,
-                     "monitor_epoch_end_s": med(hook_s["on_validation_epoch_end"][1:]) if monitor else 0.0,
-                     "monitor_batch_hooks_s": med(epoch_hooks.sums[1:]) if monitor else 0.0}
-    same = all(all(torch.equal(a, b) for a, b in zip(weights["without"], weights[k]))
-               for k in ("background", "synchronous"))
+    for repeat in range(args.fit_repeats):
+        for name, background in runs:
+            train.generator.set_state(shuffle_state)            # the same batches in every run
+            pooled[name].append(_fit_once(args, model, train, val, root, name, background, repeat))
+    reference = pooled["without"][0]["weights"]
+    same = all(all(torch.equal(a, b) for a, b in zip(reference, run["weights"]))
+               for name in pooled for run in pooled[name])
+    out: dict = {}
+    for name, fits in pooled.items():
+        def cat(key: str) -> list:
+            return [v for fit in fits for v in fit[key]]
+        out[name] = {"val_s": med(cat("val")), "epoch_s": med(cat("epoch")),
+                     "val_per_repeat": [med(fit["val"]) for fit in fits],
+                     "epoch_per_repeat": [med(fit["epoch"]) for fit in fits],
+                     "val_per_epoch": [fit["val"] for fit in fits],
+                     "epoch_per_epoch": [fit["epoch"] for fit in fits],
+                     "explained_epochs": fits[-1]["explained_epochs"],
+                     "background_s": fits[-1]["background_s"],
+                     "monitor_epoch_start_s": med(cat("epoch_start")) if fits[0]["epoch_start"] else 0.0,
+                     "monitor_epoch_end_s": med(cat("epoch_end")) if fits[0]["epoch_end"] else 0.0,
+                     "monitor_batch_hooks_s": med(cat("batch_hooks")) if fits[0]["batch_hooks"] else 0.0}
     base = out["without"]
-    print(f"\nfit: {args.fit_epochs} epochs, {args.num_train} training / {args.num_val} validation "
-          f"images, {args.max_samples} mistakes explained per epoch (medians over epochs 1..; "
-          f"weights identical in the three runs: {same})")
+    n = len(base["val_per_epoch"][0])
+    print(f"\nfit: {args.fit_epochs} epochs x {args.fit_repeats} repeats per run, {args.num_train} "
+          f"training / {args.num_val} validation images, {args.max_samples} mistakes explained per "
+          f"epoch (medians over epochs 1..{n} of every repeat; weights identical in all "
+          f"{3 * args.fit_repeats} fits: {same})")
     print(f"{'run':>12} {'val epoch s':>11} {'ratio':>6} {'whole epoch s':>13} {'ratio':>6} "
           f"{'explained':>9} {'bg explain s':>12}")
     for name, row in out.items():
         row["val_ratio"] = row["val_s"] / base["val_s"]
         row["epoch_ratio"] = row["epoch_s"] / base["epoch_s"]
+        row["val_ratio_per_repeat"] = [a / b for a, b in zip(row["val_per_repeat"], base["val_per_repeat"])]
         bg = "" if row["background_s"] is None else f"{row['background_s']:.2f}"
         print(f"{name:>12} {row['val_s']:>11.3f} {row['val_ratio']:>6.3f} {row['epoch_s']:>13.3f} "
               f"{row['epoch_ratio']:>6.3f} {row['explained_epochs']:>9} {bg:>12}")
     for name, row in out.items():
-        print(f"{name:>12} per epoch: validation " + " ".join(f"{v:.3f}" for v in row["val_per_epoch"])
-              + " | whole " + " ".join(f"{v:.3f}" for v in row["epoch_per_epoch"]))
+        print(f"{name:>12} validation-epoch ratio per repeat: "
+              + " ".join(f"{v:.3f}" for v in row["val_ratio_per_repeat"]))
+    for name, row in out.items():
+        for r, (vals, whole) in enumerate(zip(row["val_per_epoch"], row["epoch_per_epoch"])):
+            print(f"{name:>12} repeat {r}: validation " + " ".join(f"{v:.3f}" for v in vals)
+                  + " | whole " + " ".join(f"{v:.3f}" for v in whole))
     for name in ("background", "synchronous"):
         print(f"{name:>12}: the monitor's validation epoch start (waits for the previous epoch's "
               f"background explanation) {out[name]['monitor_epoch_start_s'] * 1e3:.1f} ms, its epoch "
@@ -231,8 +261,10 @@ def main() -> None:
     parser.add_argument("--log-images", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (1 avoids oversubscription on a busy machine)")
-    parser.add_argument("--fit-epochs", type=int, default=8,
+    parser.add_argument("--fit-epochs", type=int, default=6,
                         help="epochs of the fit comparison (step 4); 0 skips it")
+    parser.add_argument("--fit-repeats", type=int, default=3,
+                        help="times the three fits of step 4 run, in turn")
     parser.add_argument("--collection", choices=["thread", "inline"], default="thread",
                         help="validate mode: per-batch bookkeeping on the monitor's collection "
                              "thread (the default, background='auto') or inline on the validation "
