@@ -164,7 +164,7 @@ class Stores:
         if right.numel():
             ref_labels = labels.index_select(0, right.to(labels.device))
             self.bank.add(refs, ref_labels, ids[right])
-            extra = {"thumb": make_thumbnails(images.index_select(0, right.to(images.device)), size)}
+            extra = {"thumb": make_thumbnails(images, size, rows=right)}
             if parts is not None:
                 extra["parts"] = parts[right]
             self.extras.add(ref_labels.cpu(), ids[right], **extra)
@@ -177,7 +177,7 @@ class Stores:
             extra = {"features": lambda rows: kept(feats)(rows).to(dtype),
                      "true": lambda rows: kept(labels)(rows).cpu(),
                      "pred": lambda rows: kept(pred)(rows).cpu(), "ids": kept(ids),
-                     "thumb": lambda rows: make_thumbnails(kept(images)(rows), size)}
+                     "thumb": lambda rows: make_thumbnails(images, size, rows=wrong_idx[rows])}
             if parts is not None:
                 extra["parts"] = kept(parts)
             self.mistakes.add(int(wrong_idx.numel()), **extra)

@@ -30,6 +30,23 @@ def test_thumbnails_are_small_uint8_and_min_max_normalised():
     assert make_thumbnails(torch.zeros(2, 1, 8, 8), 8).shape == (2, 3, 8, 8)  # grey → RGB, no nan
 
 
+@pytest.mark.parametrize("shape,dtype,size", [((6, 3, 16, 16), torch.float32, 16),
+                                              ((6, 1, 16, 16), torch.float32, 16),
+                                              ((6, 4, 16, 16), torch.float32, 8),
+                                              ((6, 3, 16, 16), torch.float16, 16),
+                                              ((6, 3, 32, 32), torch.float32, 16)])
+def test_thumbnails_of_chosen_rows_equal_those_of_the_gathered_images_and_leave_them_alone(
+        shape, dtype, size):
+    torch.manual_seed(0)
+    images = (torch.randn(shape) * 3 + 1).to(dtype)
+    before = images.clone()
+    rows = torch.tensor([4, 0, 0, 5])
+    chosen = make_thumbnails(images, size, rows=rows)     # gathered, then normalised in place
+    assert torch.equal(chosen, make_thumbnails(images[rows], size))
+    assert torch.equal(chosen[1], make_thumbnails(images[:1], size)[0])
+    assert torch.equal(images, before)                    # the user's images are never written
+
+
 def test_reservoir_keeps_every_mistake_with_equal_probability():
     counts = torch.zeros(100)
     buf = MistakeBuffer(10)
