@@ -42,11 +42,12 @@ def short_gil_turns(interval: float = SWITCH_INTERVAL_S):
 
     A thread that waits for the GIL waits up to the switch interval (5 ms by default) before it
     asks the holder to let go. Our threads run Python between their tensor operations (drawing,
-    encoding, bookkeeping), and the training thread takes the GIL back after *every* operation it
-    calls: with the default interval each of those can wait up to 5 ms. Measured on the 2-core
-    CI machine, a training step of the demo model took 86 ms alone, 485 ms beside a thread
-    running pure Python, and 110 ms with a 0.2 ms interval. The interval only changes which
-    thread runs when, never what is computed.
+    encoding, bookkeeping), and the training thread takes the GIL back after *every* operation
+    it calls: with the default interval each of those can wait up to 5 ms. Measured by
+    ``benchmarks/bench_contention.py`` on the 2-core development machine, a training step of
+    the demo model took 87 ms alone, 505 ms beside a thread running pure Python, and 114 ms
+    with a 0.2 ms interval. The interval only changes which thread runs when, never what is
+    computed.
     """
     global _turns_users, _turns_saved
     with _turns_lock:
@@ -231,7 +232,7 @@ class SerialWorker:
     anyway is recorded in :attr:`errors` and the next task runs. On a GPU a task runs on the CUDA
     stream that was current when it was submitted, so its kernels are ordered after the work
     that produced its inputs, and any host synchronisation it does blocks the worker, not the
-    training thread.
+    training thread. While a task runs, the switch interval is short (:func:`short_gil_turns`).
 
     Args:
         max_pending: most tasks submitted but not finished.
