@@ -156,7 +156,7 @@ def _fit_once(args, model, train, val, root: str, name: str, background, repeat:
             "batch_hooks": epoch_hooks.sums[1:] if monitor else []}
 
 
-def fit_benchmark(args, model, train, val, root: str, device: str) -> dict:
+def fit_benchmark(args, model, train, val, root: str) -> dict:
     """Train copies of ``model`` without / with the monitor (background, synchronous),
     ``--fit-repeats`` times in turn, so that drift of the machine's speed affects all alike."""
     med = statistics.median
@@ -354,7 +354,7 @@ def main() -> None:
           f"RSS epoch 1 → {args.epochs - 1}: {numbers['rss_mb_second_last'][0]:.1f} → "
           f"{numbers['rss_mb_second_last'][1]:.1f} MB")
     if args.fit_epochs > 0:
-        numbers["fit"] = fit_benchmark(args, model, train, val, root, device)
+        numbers["fit"] = fit_benchmark(args, model, train, val, root)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(numbers, f, indent=1)

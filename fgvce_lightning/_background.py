@@ -35,10 +35,10 @@ _turns_saved: Optional[float] = None
 
 
 @contextlib.contextmanager
-def short_gil_turns(interval: float = SWITCH_INTERVAL_S):
-    """Shorten the interpreter's thread switch interval while our thread works (re-entrant across
-    threads: the first to enter saves the interval, the last to leave puts it back, unless
-    someone else changed it meanwhile).
+def short_gil_turns():
+    """Shorten the interpreter's thread switch interval to :data:`SWITCH_INTERVAL_S` while our
+    thread works (re-entrant across threads: the first to enter saves the interval, the last to
+    leave puts it back, unless someone else changed it meanwhile).
 
     A thread that waits for the GIL waits up to the switch interval (5 ms by default) before it
     asks the holder to let go. Our threads run Python between their tensor operations (drawing,
@@ -53,9 +53,9 @@ def short_gil_turns(interval: float = SWITCH_INTERVAL_S):
     with _turns_lock:
         if _turns_users == 0:
             current = sys.getswitchinterval()
-            _turns_saved = current if current > interval else None
+            _turns_saved = current if current > SWITCH_INTERVAL_S else None
             if _turns_saved is not None:
-                sys.setswitchinterval(interval)
+                sys.setswitchinterval(SWITCH_INTERVAL_S)
         _turns_users += 1
     try:
         yield
@@ -65,7 +65,7 @@ def short_gil_turns(interval: float = SWITCH_INTERVAL_S):
             if _turns_users == 0 and _turns_saved is not None:
                 # put it back unless the user set their own meanwhile (switch intervals are kept
                 # in microseconds, so compare loosely)
-                if abs(sys.getswitchinterval() - interval) < 1e-6:
+                if abs(sys.getswitchinterval() - SWITCH_INTERVAL_S) < 1e-6:
                     sys.setswitchinterval(_turns_saved)
                 _turns_saved = None
 
