@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
 
-from .collection import MistakeBuffer, ParsedBatch, ReferenceExtras, make_thumbnails
+from .collection import MistakeBuffer, ParsedBatch, ReferenceExtras, pictures, small_images
 from .engine._util import finite_rows, preserved_rng_state, preserved_training_flags
 from .engine.bank import ReferenceBank
 from .engine.results import Explanation
@@ -35,11 +35,36 @@ if TYPE_CHECKING:
 
     from .callback import CounterfactualMonitor
 
-__all__ = ["Stores", "PendingBatches", "RunInfo", "search_local", "sync_prototypes", "make_samples",
+__all__ = ["Stores", "BatchSet", "PendingBatches", "RunInfo", "search_local", "sync_prototypes", "make_samples",
            "gather", "build_result", "publish", "publish_panels", "log_scalars", "summary"]
 
 _PROTOTYPE_CELLS = 8192   # most bank feature maps' cells the part prototypes are fitted on per epoch
 _PENDING_MAX_BYTES = 32 * 2 ** 20   # most bytes of validation batches waiting to be stored together
+
+
+@dataclass(frozen=True)
+class BatchSet:
+    """Validation batches taken together (:meth:`PendingBatches.take`), as :meth:`Stores.add`
+    keeps them: the images are already thumbnails.
+
+    Attributes:
+        feats: ``(B, C, H, W)`` feature maps.
+        logits: ``(B, K)`` logits.
+        labels: ``(B,)`` true classes.
+        keypoints: ``(B, P, 3)`` keypoints when the stores use them, else ``None``.
+        masks: ``(B, P, h, w)`` masks when the stores use them, else ``None``.
+        thumbs: ``(B, 3, T, T)`` float16 CPU thumbnails (:func:`small_images`; drawn with
+            :func:`pictures`).
+        ids: ``(B, 3)`` sample ids ``(dataloader_idx, batch_idx, index in the batch)``.
+    """
+
+    feats: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor
+    keypoints: Optional[torch.Tensor]
+    masks: Optional[torch.Tensor]
+    thumbs: torch.Tensor
+    ids: torch.Tensor
 
 
 @dataclass
@@ -72,7 +97,8 @@ class Stores:
         c, h, w = feature_shape
         element = torch.empty((), dtype=dtype).element_size()
         feat = c * h * w * element
-        extras = 3 * thumbnail_size ** 2 + num_annotated * h * w + 3 * 8  # thumbnail, part labels, id
+        # float16 thumbnail, part labels, id
+        extras = 3 * thumbnail_size ** 2 * 2 + num_annotated * h * w + 3 * 8
         per_mistake = feat + extras + 2 * 8
         per_reference = feat + 3 * 8 + extras
         mistake_bytes = mistakes * per_mistake
@@ -102,7 +128,8 @@ class Stores:
         self.extras.reset()
         self.mistakes.reset(reseed)
 
-    def check_shapes(self, feats: torch.Tensor, logits: torch.Tensor, parsed: ParsedBatch) -> None:
+    def check_shapes(self, feats: torch.Tensor, logits: torch.Tensor,
+                     parsed: ParsedBatch | BatchSet) -> None:
         """Raise if a batch's shapes do not match the stores (no tensor work, no device sync)."""
         if tuple(feats.shape[1:]) != self.bank.feature_shape:
             raise ValueError(f"Expected feature maps of shape (B, {self.bank.feature_shape}) as in the "
@@ -126,14 +153,14 @@ class Stores:
                            parsed.keypoints if self.part_source == "keypoints" else None,
                            parsed.masks if self.part_source == "masks" else None)
 
-    def check(self, feats: torch.Tensor, logits: torch.Tensor, parsed: ParsedBatch) -> None:
+    def check(self, feats: torch.Tensor, logits: torch.Tensor, parsed: ParsedBatch | BatchSet) -> None:
         """Raise if a batch does not match the stores (feature shape, classes, labels)."""
         self.check_shapes(feats, logits, parsed)
         if int(parsed.labels.min()) < 0 or int(parsed.labels.max()) >= self.bank.num_classes:
             raise ValueError(f"Expected labels in [0, {self.bank.num_classes}), but got "
                              f"[{int(parsed.labels.min())}, {int(parsed.labels.max())}].")
 
-    def cell_parts(self, parsed: ParsedBatch) -> Optional[torch.Tensor]:
+    def cell_parts(self, parsed: ParsedBatch | BatchSet) -> Optional[torch.Tensor]:
         """``(B, P, H, W)`` bool part labels of the batch's cells from its annotations, or ``None``."""
         grid = self.bank.feature_shape[1:]
         if self.part_source == "keypoints" and parsed.keypoints is not None:
@@ -142,17 +169,17 @@ class Stores:
             return masks_to_cell_parts(parsed.masks, grid).cpu()
         return None
 
-    def add(self, feats: torch.Tensor, labels: torch.Tensor, pred: torch.Tensor, wrong: torch.Tensor,
-            ids: torch.Tensor, parsed: ParsedBatch) -> None:
+    def add(self, batch: BatchSet, pred: torch.Tensor, wrong: torch.Tensor) -> None:
         """Correct samples go to the bank, mistakes to the reservoir, with thumbnails and parts.
 
         Runs on every set of validation batches (:class:`PendingBatches`), so it gathers each row
-        it keeps once (index lists, not boolean masks) and computes the mistakes' maps,
-        thumbnails and labels only for the rows the reservoir keeps.
+        it keeps once (index lists, not boolean masks) and computes the mistakes' maps and part
+        labels only for the rows the reservoir keeps.
         """
-        images, size = parsed.images, self.thumbnail_size
-        parts = self.cell_parts(parsed)
-        wrong_cpu, ids = wrong.cpu(), ids.cpu()
+        feats, thumbs = batch.feats, batch.thumbs
+        labels = batch.labels.to(pred.device)
+        parts = self.cell_parts(batch)
+        wrong_cpu, ids = wrong.cpu(), batch.ids.cpu()
         right = (~wrong_cpu).nonzero().squeeze(1)
         if right.numel():
             # cast the references once; the bank refuses maps that are not finite in its dtype,
@@ -164,7 +191,7 @@ class Stores:
         if right.numel():
             ref_labels = labels.index_select(0, right.to(labels.device))
             self.bank.add(refs, ref_labels, ids[right])
-            extra = {"thumb": make_thumbnails(images, size, rows=right)}
+            extra = {"thumb": thumbs.index_select(0, right)}
             if parts is not None:
                 extra["parts"] = parts[right]
             self.extras.add(ref_labels.cpu(), ids[right], **extra)
@@ -177,7 +204,7 @@ class Stores:
             extra = {"features": lambda rows: kept(feats)(rows).to(dtype),
                      "true": lambda rows: kept(labels)(rows).cpu(),
                      "pred": lambda rows: kept(pred)(rows).cpu(), "ids": kept(ids),
-                     "thumb": lambda rows: make_thumbnails(images, size, rows=wrong_idx[rows])}
+                     "thumb": kept(thumbs)}
             if parts is not None:
                 extra["parts"] = kept(parts)
             self.mistakes.add(int(wrong_idx.numel()), **extra)
@@ -191,12 +218,13 @@ class PendingBatches:
     """Validation batches waiting to be stored together.
 
     Storing a batch is some hundred small tensor operations whatever its size (gathers, scatters,
-    the reservoir draw, thumbnails, part labels), so storing several batches in one call costs
-    little more than storing one: on the demo model (2 CPU threads) 16 batches of 32 took 22 ms
-    one by one and 8 ms together (the concatenation included). Batches are concatenated in
-    order, so the bank and the reservoir end up exactly as if they had been stored one by one.
-    What a batch holds: its feature maps and logits (copies the monitor made) and references to
-    its images and annotations (no copy until :meth:`take`).
+    the reservoir draw, part labels), so storing several batches in one call costs little more
+    than storing one: on the demo model (2 CPU threads) 16 batches of 32 took 22 ms one by one
+    and 8 ms together (the concatenation included). Batches are concatenated in order, so the
+    bank and the reservoir end up exactly as if they had been stored one by one. What a batch
+    holds: its feature maps and logits (copies the monitor made) and references to its images
+    and annotations (no copy until :meth:`take`). The images themselves are never concatenated:
+    each batch's are cast to float16 thumbnails on their own (:func:`small_images`).
     """
 
     def __init__(self) -> None:
@@ -239,31 +267,27 @@ class PendingBatches:
     def clear(self) -> None:
         self.items, self.nbytes = [], 0
 
-    def take(self) -> Optional[tuple[torch.Tensor, torch.Tensor, ParsedBatch, torch.Tensor]]:
-        """The waiting batches as one: ``(feats, logits, parsed, ids)`` with ``ids (B, 3)`` =
-        ``(dataloader_idx, batch_idx, index in the batch)``; ``None`` when none wait. Empties
-        the queue."""
+    def take(self, thumbnail_size: int) -> Optional[BatchSet]:
+        """The waiting batches as one set, their images made into ``thumbnail_size`` thumbnails;
+        ``None`` when none wait. Empties the queue."""
         items = self.items
         self.clear()
         if not items:
             return None
-        feats, logits, parsed, where = items[0]
-        if len(items) > 1:
-            def cat(values: list) -> Optional[torch.Tensor]:
-                return None if values[0] is None else torch.cat(values)
 
-            feats = torch.cat([it[0] for it in items])
-            logits = torch.cat([it[1] for it in items])
-            parts = [it[2] for it in items]
-            parsed = ParsedBatch(torch.cat([p.images for p in parts]),
-                                 torch.cat([p.labels for p in parts]),
-                                 cat([p.keypoints for p in parts]), cat([p.masks for p in parts]))
+        def cat(values: list) -> Optional[torch.Tensor]:
+            return None if values[0] is None else values[0] if len(values) == 1 else torch.cat(values)
+
+        parts = [it[2] for it in items]
+        thumbs = cat([small_images(p.images, thumbnail_size) for p in parts]).cpu()
         sizes = torch.tensor([it[1].shape[0] for it in items])
         where = torch.tensor([it[3] for it in items])                          # (K, 2)
         starts = torch.cumsum(sizes, 0) - sizes
         within = torch.arange(int(sizes.sum())) - torch.repeat_interleave(starts, sizes)
         ids = torch.cat([torch.repeat_interleave(where, sizes, dim=0), within[:, None]], 1)
-        return feats, logits, parsed, ids
+        return BatchSet(cat([it[0] for it in items]), cat([it[1] for it in items]),
+                        cat([p.labels for p in parts]), cat([p.keypoints for p in parts]),
+                        cat([p.masks for p in parts]), thumbs, ids)
 
 
 @dataclass(frozen=True)
@@ -419,6 +443,11 @@ def _parts_of(monitor: "CounterfactualMonitor", store: Stores) -> tuple[PartInfo
     return ()
 
 
+def _picture(thumb: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A kept float16 thumbnail as the ``uint8`` picture the reports draw (``None`` stays)."""
+    return None if thumb is None else pictures(thumb)
+
+
 def make_samples(monitor: "CounterfactualMonitor", trainer: "pl.Trainer | RunInfo", local: LocalResult
                  ) -> tuple[list[ExplainedSample], tuple[PartInfo, ...]]:
     """Attach query ids, thumbnails, reference thumbnails and part names. Never raises."""
@@ -447,11 +476,11 @@ def make_samples(monitor: "CounterfactualMonitor", trainer: "pl.Trainer | RunInf
         assignments, parts = None, ()
     samples = []
     for k, exp in enumerate(exps):
-        refs = tuple(store.extras.lookup_id("thumb", e.reference_id) for e in exp.edits)
+        refs = tuple(_picture(store.extras.lookup_id("thumb", e.reference_id)) for e in exp.edits)
         a = assignments[k] if assignments is not None else None
         samples.append(ExplainedSample(
             explanation=exp, query_id=tuple(int(v) for v in ids[exp.query_index].tolist()),
-            thumbnail=thumbs[exp.query_index].clone() if thumbs is not None else None,
+            thumbnail=_picture(thumbs[exp.query_index]) if thumbs is not None else None,
             reference_thumbnails=refs,
             edit_parts=a.edit_parts if a is not None else (),
             reference_parts=a.reference_parts if a is not None else (),
@@ -555,7 +584,7 @@ def _log_prototype_strips(monitor: "CounterfactualMonitor", writer: Any, step: i
         return
     rows = torch.tensor(keep)
     feats = _part_channels(monitor, maps_t[rows.to(maps_t.device)])
-    images = torch.stack([thumbs[i] for i in keep])
+    images = pictures(torch.stack([thumbs[i] for i in keep]))
     for part in protos.parts():
         strip = protos.patch_strip(part.id, feats, images, k=8)
         tag = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in part.name)

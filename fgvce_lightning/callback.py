@@ -417,7 +417,7 @@ class CounterfactualMonitor(Callback):
                         # error raises
                         self._pending.push(feats, logits, store.needed(parsed), dataloader_idx,
                                            batch_idx)
-                        self._store_batch(store, *self._pending.take())
+                        self._store_batch(store, self._pending.take(store.thumbnail_size))
             self._checked = True
         except Exception as err:  # noqa: BLE001 - configuration errors raise, later ones are counted
             if not self._checked:
@@ -452,9 +452,9 @@ class CounterfactualMonitor(Callback):
 
         def store_them() -> None:
             with torch.inference_mode(False), torch.no_grad():
-                taken = waiting.take()
+                taken = waiting.take(store.thumbnail_size)
             if taken is not None:
-                self._store_batch(store, *taken)
+                self._store_batch(store, taken)
 
         if self._threaded:
             # the bookkeeping runs on the collection thread, in batch order, while the
@@ -523,19 +523,17 @@ class CounterfactualMonitor(Callback):
             return None
         return self._store, feats, logits, parsed
 
-    def _store_batch(self, store: "steps.Stores", feats: torch.Tensor, logits: torch.Tensor,
-                     parsed: ParsedBatch, ids: torch.Tensor) -> None:
+    def _store_batch(self, store: "steps.Stores", batch: "steps.BatchSet") -> None:
         """Check the batch against the stores and keep it: correct samples in the bank, mistakes
         in the reservoir (on the collection thread after the first batch)."""
         if self._collector is not None and self._collector.errors:
             return                         # an earlier batch failed: collect nothing more
         with torch.inference_mode(False), torch.no_grad():
-            store.check(feats, logits, parsed)
-            labels = parsed.labels.to(logits.device)
-            pred = logits.argmax(1)
-            wrong = pred != labels
+            store.check(batch.feats, batch.logits, batch)
+            pred = batch.logits.argmax(1)
+            wrong = pred != batch.labels.to(pred.device)
             self._num_misclassified += int(wrong.sum())
-            store.add(feats, labels, pred, wrong, ids, parsed)
+            store.add(batch, pred, wrong)
 
     def _locate_hook(self, pl_module: "pl.LightningModule", images: torch.Tensor) -> None:
         """For splits without a hook module (e.g. ``forward_features``), find the module whose

@@ -288,9 +288,9 @@ def test_batches_wait_and_are_stored_together_up_to_the_budget_share(tmp_path, m
     calls = []
     add = steps.Stores.add
 
-    def recording(self, feats, labels, pred, wrong, ids, parsed):
-        calls.append(sorted(set(ids[:, 1].tolist())))
-        return add(self, feats, labels, pred, wrong, ids, parsed)
+    def recording(self, batch, pred, wrong):
+        calls.append(sorted(set(batch.ids[:, 1].tolist())))
+        return add(self, batch, pred, wrong)
 
     monkeypatch.setattr(steps.Stores, "add", recording)
     together, _ = _fit(tmp_path / "together", max_epochs=1)       # 4 validation batches of 16

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fgvce_lightning.collection import (MistakeBuffer, ReferenceExtras, make_thumbnails,
+from fgvce_lightning.collection import (MistakeBuffer, ReferenceExtras, pictures, small_images,
                                         parse_batch)
 
 
@@ -22,29 +22,46 @@ def test_parse_tuple_dict_and_custom_batches():
         parse_batch((x, torch.zeros(3)))
 
 
-def test_thumbnails_are_small_uint8_and_min_max_normalised():
+def test_pictures_are_uint8_and_min_max_normalised_per_image():
     img = torch.linspace(-3, 5, 3 * 32 * 32).view(1, 3, 32, 32)
-    th = make_thumbnails(img, 16)
-    assert th.shape == (1, 3, 16, 16) and th.dtype == torch.uint8
-    assert int(th.min()) == 0 and int(th.max()) >= 250
-    assert make_thumbnails(torch.zeros(2, 1, 8, 8), 8).shape == (2, 3, 8, 8)  # grey → RGB, no nan
+    small = small_images(img, 16)
+    assert small.shape == (1, 3, 16, 16) and small.dtype == torch.float16
+    pic = pictures(small)
+    assert pic.shape == (1, 3, 16, 16) and pic.dtype == torch.uint8
+    assert int(pic.min()) == 0 and int(pic.max()) == 255
+    grey = pictures(small_images(torch.zeros(2, 1, 8, 8), 8))
+    assert grey.shape == (2, 3, 8, 8) and int(grey.max()) == 0            # grey → RGB, no nan
+    one = small_images(torch.randn(3, 3, 8, 8), 8)
+    assert torch.equal(pictures(one[1]), pictures(one)[1])                # one (3, h, w) image
+    odd = one.clone()
+    odd[0, 0, 0, 0], odd[0, 0, 0, 1] = float("nan"), float("inf")
+    drawn = pictures(odd)
+    assert int(drawn[0, 0, 0, 1]) == 255 and int(drawn[0].min()) == 0    # inf saturates, nan is 0
+    assert torch.equal(drawn[1:], pictures(one[1:]))                      # images apart
 
 
 @pytest.mark.parametrize("shape,dtype,size", [((6, 3, 16, 16), torch.float32, 16),
                                               ((6, 1, 16, 16), torch.float32, 16),
                                               ((6, 4, 16, 16), torch.float32, 8),
                                               ((6, 3, 16, 16), torch.float16, 16),
+                                              ((6, 3, 16, 16), torch.bfloat16, 8),
                                               ((6, 3, 32, 32), torch.float32, 16)])
-def test_thumbnails_of_chosen_rows_equal_those_of_the_gathered_images_and_leave_them_alone(
+def test_kept_images_are_within_a_level_of_exact_pictures_and_leave_the_images_alone(
         shape, dtype, size):
     torch.manual_seed(0)
     images = (torch.randn(shape) * 3 + 1).to(dtype)
     before = images.clone()
-    rows = torch.tensor([4, 0, 0, 5])
-    chosen = make_thumbnails(images, size, rows=rows)     # gathered, then normalised in place
-    assert torch.equal(chosen, make_thumbnails(images[rows], size))
-    assert torch.equal(chosen[1], make_thumbnails(images[:1], size)[0])
+    small = small_images(images, size)
+    assert small.shape == (6, 3, size, size) and small.dtype == torch.float16
     assert torch.equal(images, before)                    # the user's images are never written
+    # the exact picture, computed in float64 from the resized RGB images
+    x = images.double()[:, :3].expand(-1, 3, -1, -1)
+    if shape[-1] != size:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",
+                                            align_corners=False, antialias=True)
+    lo, hi = x.amin((1, 2, 3), keepdim=True), x.amax((1, 2, 3), keepdim=True)
+    exact = ((x - lo) / (hi - lo) * 255).round()
+    assert float((pictures(small).double() - exact).abs().max()) <= 1.0
 
 
 def test_reservoir_keeps_every_mistake_with_equal_probability():
@@ -111,7 +128,6 @@ def test_reference_extras_keep_exactly_the_samples_the_bank_keeps():
 
 def test_stores_keep_bank_and_extras_in_step_when_maps_are_not_finite():
     from fgvce_lightning import _monitor_steps as steps
-    from fgvce_lightning.collection import ParsedBatch
 
     store = steps.Stores.build(
         num_classes=2, feature_shape=(2, 2, 2), input_size=(8, 8), device=torch.device("cpu"),
@@ -125,8 +141,9 @@ def test_stores_keep_bank_and_extras_in_step_when_maps_are_not_finite():
         labels = torch.tensor([0, 0, 1, 1, 0, 1])
         images = torch.rand(6, 3, 8, 8, generator=gen)
         ids = torch.stack([torch.zeros(6), torch.full((6,), batch), torch.arange(6)], 1).long()
-        store.add(feats, labels, labels.clone(), torch.zeros(6, dtype=torch.bool), ids,
-                  ParsedBatch(images, labels))
+        store.add(steps.BatchSet(feats, torch.zeros(6, 2), labels, None, None,
+                                 small_images(images, 8), ids),
+                  labels.clone(), torch.zeros(6, dtype=torch.bool))
     for c in range(2):
         _, bank_ids = store.bank.get(c)
         kept = {tuple(i) for i in bank_ids.tolist()}
@@ -160,10 +177,10 @@ def _batches(num: int, size: int = 7):
     return out
 
 
-def _store_all(store, feats, logits, parsed, ids):
-    pred = logits.argmax(1)
-    store.check(feats, logits, parsed)
-    store.add(feats, parsed.labels, pred, pred != parsed.labels, ids, parsed)
+def _store_all(store, batch):
+    pred = batch.logits.argmax(1)
+    store.check(batch.feats, batch.logits, batch)
+    store.add(batch, pred, pred != batch.labels)
 
 
 def test_batches_stored_together_leave_the_stores_exactly_as_one_by_one():
@@ -174,15 +191,17 @@ def test_batches_stored_together_leave_the_stores_exactly_as_one_by_one():
     for i, (feats, logits, parsed) in enumerate(batches):
         b = feats.shape[0]
         ids = torch.stack([torch.zeros(b), torch.full((b,), i), torch.arange(b)], 1).long()
-        _store_all(one, feats, logits, parsed, ids)
+        thumbs = small_images(parsed.images, one.thumbnail_size)
+        _store_all(one, steps.BatchSet(feats, logits, parsed.labels, parsed.keypoints, None,
+                                       thumbs, ids))
     pending = steps.PendingBatches()
     for i, (feats, logits, parsed) in enumerate(batches):
         assert pending.fits(feats, logits, together.needed(parsed))
         pending.push(feats, logits, together.needed(parsed), 0, i)
         if i in (1, 4):                                   # three chunks: 2 + 3 + 1 batches
-            _store_all(together, *pending.take())
-    _store_all(together, *pending.take())
-    assert len(pending) == 0 and pending.nbytes == 0 and pending.take() is None
+            _store_all(together, pending.take(together.thumbnail_size))
+    _store_all(together, pending.take(together.thumbnail_size))
+    assert len(pending) == 0 and pending.nbytes == 0 and pending.take(6) is None
     assert one.mistakes.seen == together.mistakes.seen == sum(
         int((lg.argmax(1) != p.labels).sum()) for _, lg, p in batches)
     assert one.mistakes.seen > one.mistakes.capacity      # the reservoir drew
@@ -194,6 +213,10 @@ def test_batches_stored_together_leave_the_stores_exactly_as_one_by_one():
     assert torch.equal(one.extras.ids, together.extras.ids)
     assert torch.equal(one.extras._store["thumb"], together.extras._store["thumb"])
     assert torch.equal(one.extras._store["parts"], together.extras._store["parts"])
+    # every kept thumbnail is its own image's
+    for key, thumb in zip(together.mistakes.get("ids").tolist(), together.mistakes.get("thumb")):
+        image = batches[key[1]][2].images[key[2]:key[2] + 1]
+        assert torch.equal(thumb, small_images(image, 6)[0])
 
 
 def test_pending_batches_hold_only_what_the_stores_use_and_refuse_mismatched_batches():
@@ -216,8 +239,12 @@ def test_pending_batches_hold_only_what_the_stores_use_and_refuse_mismatched_bat
                                                           slim.keypoints[:3]))
     pending.push(feats[:3], logits[:3], type(slim)(slim.images[:3], slim.labels[:3],
                                                    slim.keypoints[:3]), 2, 10)
-    f, lg, p, ids = pending.take()
-    assert f.shape[0] == lg.shape[0] == p.images.shape[0] == p.keypoints.shape[0] == 10
+    taken = pending.take(5)
+    assert taken.feats.shape[0] == taken.logits.shape[0] == taken.keypoints.shape[0] == 10
+    assert taken.masks is None and taken.labels.tolist() == slim.labels.tolist() + slim.labels[:3].tolist()
+    assert taken.thumbs.shape == (10, 3, 5, 5) and taken.thumbs.dtype == torch.float16
+    assert torch.equal(taken.thumbs, small_images(torch.cat([slim.images, slim.images[:3]]), 5))
+    ids = taken.ids
     assert ids.tolist() == [[2, 9, i] for i in range(7)] + [[2, 10, i] for i in range(3)]
     with pytest.raises(ValueError, match="carry `keypoints`"):
         store.check_shapes(feats, logits, type(slim)(slim.images, slim.labels))
@@ -228,14 +255,16 @@ def test_pending_batches_hold_only_what_the_stores_use_and_refuse_mismatched_bat
 
 
 def test_the_memory_budget_counts_the_batches_waiting_to_be_stored():
+    from fgvce_lightning import _monitor_steps as steps
+
     assert _stores(budget=2 ** 30).pending_bytes == 32 * 2 ** 20           # capped
     for budget in (2 ** 13, 2 ** 14, 2 ** 15):
         store = _stores(budget=budget, max_per_class=None)
         assert store.pending_bytes == budget // 32
         for i, (feats, logits, parsed) in enumerate(_batches(60, size=16)):   # fill everything
-            b = feats.shape[0]
-            ids = torch.stack([torch.zeros(b), torch.full((b,), i), torch.arange(b)], 1).long()
-            _store_all(store, feats, logits, parsed, ids)
+            pending = steps.PendingBatches()
+            pending.push(feats, logits, store.needed(parsed), 0, i)
+            _store_all(store, pending.take(store.thumbnail_size))
         assert int(store.bank.counts().min()) == store.bank.capacity_per_class >= 1
         # what the stores hold and three sets of waiting batches fit the budget, and one more
         # reference per class would not
