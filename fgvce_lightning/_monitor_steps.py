@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 
     from .callback import CounterfactualMonitor
 
-__all__ = ["Stores", "BatchSet", "PendingBatches", "RunInfo", "search_local", "sync_prototypes", "make_samples",
-           "gather", "build_result", "publish", "publish_panels", "log_scalars", "summary"]
+__all__ = ["Stores", "BatchSet", "PendingBatches", "RunInfo", "search_local", "sync_prototypes",
+           "make_samples", "gather", "build_result", "publish", "publish_panels", "log_scalars",
+           "summary"]
 
 _PROTOTYPE_CELLS = 8192   # most bank feature maps' cells the part prototypes are fitted on per epoch
 _PENDING_MAX_BYTES = 32 * 2 ** 20   # most bytes of validation batches waiting to be stored together
@@ -279,7 +280,13 @@ class PendingBatches:
             return None if values[0] is None else values[0] if len(values) == 1 else torch.cat(values)
 
         parts = [it[2] for it in items]
-        thumbs = cat([small_images(p.images, thumbnail_size) for p in parts]).cpu()
+        thumbs = torch.empty((sum(p.images.shape[0] for p in parts), 3, thumbnail_size,
+                              thumbnail_size), dtype=torch.float16, device=parts[0].images.device)
+        start = 0
+        for p in parts:                   # (each batch cast where it goes: no concatenation)
+            end = start + p.images.shape[0]
+            small_images(p.images, thumbnail_size, out=thumbs[start:end])
+            start = end
         sizes = torch.tensor([it[1].shape[0] for it in items])
         where = torch.tensor([it[3] for it in items])                          # (K, 2)
         starts = torch.cumsum(sizes, 0) - sizes
@@ -287,7 +294,7 @@ class PendingBatches:
         ids = torch.cat([torch.repeat_interleave(where, sizes, dim=0), within[:, None]], 1)
         return BatchSet(cat([it[0] for it in items]), cat([it[1] for it in items]),
                         cat([p.labels for p in parts]), cat([p.keypoints for p in parts]),
-                        cat([p.masks for p in parts]), thumbs, ids)
+                        cat([p.masks for p in parts]), thumbs.cpu(), ids)
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ def parse_batch(batch: Any, batch_parser: Optional[Callable[[Any], Any]] = None)
     return ParsedBatch(images, labels.long(), keypoints, masks)
 
 
-def small_images(images: torch.Tensor, size: int) -> torch.Tensor:
+def small_images(images: torch.Tensor, size: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The images as the monitor keeps them until they are drawn: RGB, ``size`` x ``size``, float16.
 
     When the images already have that size this is one pass over them (a cast), against six for
@@ -118,10 +118,12 @@ def small_images(images: torch.Tensor, size: int) -> torch.Tensor:
         images: ``(B, C, H, W)`` images (any normalisation); 1-channel images are repeated to
             RGB, only the first 3 channels of others are kept.
         size: side of the square image kept (resized bilinearly, antialiased when shrinking).
+        out: optional ``(B, 3, size, size)`` float16 tensor to write them into (e.g. a slice of
+            the thumbnails of several batches: the cast then writes them where they go).
 
     Returns:
-        ``(B, 3, size, size)`` float16 tensor on the images' device (``images`` itself is never
-        modified).
+        ``(B, 3, size, size)`` float16 tensor on the images' device (``out`` when given;
+        ``images`` itself is never modified).
     """
     with torch.no_grad():
         x = images.detach()[:, :3]
@@ -132,7 +134,12 @@ def small_images(images: torch.Tensor, size: int) -> torch.Tensor:
                 x = x.float()
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                               antialias=x.shape[-1] > size)
-        return x.to(torch.float16)
+        if out is None:
+            return x.to(torch.float16)
+        if out.shape != (x.shape[0], 3, size, size) or out.dtype != torch.float16:
+            raise ValueError(f"Expected `out` to be a float16 tensor of shape "
+                             f"{(x.shape[0], 3, size, size)}, but got {out.dtype} {tuple(out.shape)}.")
+        return out.copy_(x)
 
 
 def pictures(small: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,11 @@ def test_kept_images_are_within_a_level_of_exact_pictures_and_leave_the_images_a
     small = small_images(images, size)
     assert small.shape == (6, 3, size, size) and small.dtype == torch.float16
     assert torch.equal(images, before)                    # the user's images are never written
+    into = torch.zeros(8, 3, size, size, dtype=torch.float16)
+    assert small_images(images, size, out=into[1:7]).data_ptr() == into[1].data_ptr()
+    assert torch.equal(into[1:7], small) and not into[0].any() and not into[7].any()
+    with pytest.raises(ValueError, match="float16 tensor of shape"):
+        small_images(images, size, out=into[:5])
     # the exact picture, computed in float64 from the resized RGB images
     x = images.double()[:, :3].expand(-1, 3, -1, -1)
     if shape[-1] != size:
