@@ -104,9 +104,10 @@ class Stores:
         per_reference = feat + 3 * 8 + extras
         mistake_bytes = mistakes * per_mistake
         pending = min(_PENDING_MAX_BYTES, budget_bytes // 32)
-        capacity = (budget_bytes - mistake_bytes - 3 * pending) // (num_classes * per_reference)
+        fixed = mistake_bytes + 3 * pending + extras     # (+ the extras' spare row)
+        capacity = (budget_bytes - fixed) // (num_classes * per_reference)
         if capacity < 1:
-            need = mistake_bytes + num_classes * per_reference + 3 * pending
+            need = fixed + num_classes * per_reference
             raise ValueError(
                 f"Expected `memory_budget_mb` to hold {mistakes} mistakes and at least one reference "
                 f"per class ({num_classes} classes, feature maps {tuple(feature_shape)} in {dtype}: "
@@ -192,10 +193,8 @@ class Stores:
         if right.numel():
             ref_labels = labels.index_select(0, right.to(labels.device))
             self.bank.add(refs, ref_labels, ids[right])
-            extra = {"thumb": thumbs.index_select(0, right)}
-            if parts is not None:
-                extra["parts"] = parts[right]
-            self.extras.add(ref_labels.cpu(), ids[right], **extra)
+            extra = {"thumb": thumbs} if parts is None else {"thumb": thumbs, "parts": parts}
+            self.extras.add(labels.cpu(), ids, rows=right, **extra)    # (copied without a gather)
         wrong_idx = wrong_cpu.nonzero().squeeze(1)
         if wrong_idx.numel():
             def kept(values: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

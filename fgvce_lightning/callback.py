@@ -84,7 +84,8 @@ class CounterfactualMonitor(Callback):
         max_references_per_class: most references kept per class (``None`` = as many as the budget
             allows). More references cost search time, not only memory.
         bank_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` storage of the feature maps.
-        thumbnail_size: side in pixels of the thumbnail kept for every kept image.
+        thumbnail_size: side in pixels of the thumbnail kept for every kept image (in float16,
+            6 bytes a pixel; made ``uint8`` when drawn).
         report_dir: where epoch reports go; ``None`` = ``<trainer.log_dir>/fgvce``.
         report_html: also write ``report.html`` (with figures and pictures; the slow part).
         search: a :class:`~fgvce_lightning.engine.search.SearchConfig`; or give its fields as

@@ -287,33 +287,45 @@ class ReferenceExtras:
         self.ids.fill_(-1)
         self.count.zero_()
 
-    def add(self, labels: torch.Tensor, ids: torch.Tensor, **tensors: torch.Tensor) -> None:
-        """Add a batch: ``labels (B,)``, ``ids (B, id_width)`` and extras with leading dim ``B``."""
+    def add(self, labels: torch.Tensor, ids: torch.Tensor, rows: Optional[torch.Tensor] = None,
+            **tensors: torch.Tensor) -> None:
+        """Add a batch: ``labels (B,)``, ``ids (B, id_width)`` and extras with leading dim ``B``.
+
+        ``rows`` (increasing indices) adds only those samples of the batch. Their extras are then
+        copied straight from the batch's tensors, without gathering them first: the rows left
+        out are written to a spare row past the ring buffers.
+        """
         labels, ids = labels.long().cpu(), ids.long().cpu()
         n = labels.shape[0]
-        if n == 0:
+        chosen = torch.arange(n) if rows is None else rows.long().cpu()
+        if chosen.numel() == 0:
             return
         # the same ring-buffer placement as the ReferenceBank, so both keep the same samples
-        keep, slot_in_class, per_class = ring_slots(labels, self.count % self.capacity,
+        keep, slot_in_class, per_class = ring_slots(labels[chosen], self.count % self.capacity,
                                                     self.capacity)
-        every = bool(keep.all())
-        rows = torch.arange(n)[keep]
-        slots = labels[keep] * self.capacity + slot_in_class
+        kept = chosen[keep]
+        slots = labels[kept] * self.capacity + slot_in_class
         self.count += per_class
-        self.ids.view(-1, self.ids.shape[-1])[slots] = ids if every else ids[rows]
+        self.ids.view(-1, self.ids.shape[-1])[slots] = ids[kept]
+        spare = self.num_classes * self.capacity           # the spare row
+        if kept.numel() < n:                               # (kept is increasing: all n = every row)
+            slots = torch.full((n,), spare, dtype=torch.long).index_copy_(0, kept, slots)
         for name, value in tensors.items():
             store = self._store.get(name)
-            if store is None or store.shape[2:] != value.shape[1:]:
-                store = torch.zeros((self.num_classes, self.capacity, *value.shape[1:]),
-                                    dtype=value.dtype)
+            if store is None or store.shape[1:] != value.shape[1:]:
+                store = torch.zeros((spare + 1, *value.shape[1:]), dtype=value.dtype)
                 self._store[name] = store
-            value = value.detach().cpu()
-            copy_rows(store.view(-1, *store.shape[2:]), slots,
-                      value if every else value.index_select(0, rows))
+            copy_rows(store, slots, value.detach().cpu())
+
+    def _rings(self, name: str) -> Optional[torch.Tensor]:
+        """The stored extras ``name`` as ``(num_classes, capacity, ...)`` (without the spare row)."""
+        store = self._store.get(name)
+        return None if store is None else store[:-1].view(self.num_classes, self.capacity,
+                                                           *store.shape[1:])
 
     def lookup(self, name: str, classes: torch.Tensor, ids: torch.Tensor) -> list[Optional[torch.Tensor]]:
         """The extras ``name`` of the samples ``ids (M, id_width)`` of ``classes (M,)`` (``None`` if gone)."""
-        store = self._store.get(name)
+        store = self._rings(name)
         if store is None or classes.numel() == 0:
             return [None] * int(classes.numel())
         classes, ids = classes.long().cpu(), ids.long().cpu()
@@ -326,7 +338,7 @@ class ReferenceExtras:
 
     def lookup_id(self, name: str, key: tuple) -> Optional[torch.Tensor]:
         """The extras ``name`` of the sample with id ``key`` (any class), or ``None`` if gone."""
-        store = self._store.get(name)
+        store = self._rings(name)
         if store is None:
             return None
         key_t = torch.as_tensor(tuple(key), dtype=torch.long)

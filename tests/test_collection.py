@@ -109,6 +109,21 @@ def test_reference_extras_mirror_a_ring_buffer_and_find_ids():
     assert ex.lookup_id("thumb", (0, 0, 0)) is None
     assert ex.lookup_id("thumb", (0, 0, 3)).item() == 3
     assert ex.lookup("thumb", torch.tensor([1, 0]), ids[[3, 1]]) == [torch.tensor([3]), None]
+    # `rows`: only those samples of the batch, copied without a gather, exactly as if gathered
+    labels, ids = torch.tensor([0, 1, 0, 0, 1, 0, 1]), torch.tensor([[1, 0, i] for i in range(7)])
+    values, rows = torch.arange(7)[:, None] * 10, torch.tensor([0, 2, 3, 4, 5])
+    for picked in (rows, torch.arange(7)):
+        direct, gathered = ReferenceExtras(2, 2), ReferenceExtras(2, 2)
+        for _ in range(2):                                   # (the second batch wraps around)
+            direct.add(labels, ids, rows=picked, thumb=values)
+            gathered.add(labels[picked], ids[picked], thumb=values[picked])
+        assert torch.equal(direct.ids, gathered.ids) and torch.equal(direct.count, gathered.count)
+        assert torch.equal(direct._rings("thumb"), gathered._rings("thumb"))
+    assert direct.lookup_id("thumb", (1, 0, 6)).item() == 60
+    left_out = ReferenceExtras(2, 2)
+    left_out.add(labels, ids, rows=rows, thumb=values)
+    assert left_out.lookup_id("thumb", (1, 0, 1)) is None and left_out.lookup_id("thumb", (1, 0, 6)) is None
+    assert left_out.lookup_id("thumb", (1, 0, 4)).item() == 40
 
 
 def test_reference_extras_keep_exactly_the_samples_the_bank_keeps():
@@ -216,8 +231,8 @@ def test_batches_stored_together_leave_the_stores_exactly_as_one_by_one():
         for a, b in zip(one.bank.get(c), together.bank.get(c)):
             assert torch.equal(a, b)
     assert torch.equal(one.extras.ids, together.extras.ids)
-    assert torch.equal(one.extras._store["thumb"], together.extras._store["thumb"])
-    assert torch.equal(one.extras._store["parts"], together.extras._store["parts"])
+    assert torch.equal(one.extras._rings("thumb"), together.extras._rings("thumb"))
+    assert torch.equal(one.extras._rings("parts"), together.extras._rings("parts"))
     # every kept thumbnail is its own image's
     for key, thumb in zip(together.mistakes.get("ids").tolist(), together.mistakes.get("thumb")):
         image = batches[key[1]][2].images[key[2]:key[2] + 1]
