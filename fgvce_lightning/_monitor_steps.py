@@ -184,17 +184,15 @@ class Stores:
         wrong_cpu, ids = wrong.cpu(), batch.ids.cpu()
         right = (~wrong_cpu).nonzero().squeeze(1)
         if right.numel():
-            # cast the references once; the bank refuses maps that are not finite in its dtype,
-            # so leave them out of the extras too (or the two ring buffers drift apart)
-            refs = feats.index_select(0, right.to(feats.device)).to(self.bank.dtype)
-            finite = finite_rows(refs)
-            if not bool(finite.all()):
-                refs, right = refs[finite], right[finite.cpu()]
+            # cast once; the bank refuses maps that are not finite in its dtype, so leave them
+            # out of the extras too (or the two ring buffers drift apart)
+            cast = feats.to(self.bank.dtype)
+            right = right[finite_rows(cast).cpu()[right]]
         if right.numel():
-            ref_labels = labels.index_select(0, right.to(labels.device))
-            self.bank.add(refs, ref_labels, ids[right])
+            # (both copy the kept rows straight from the set, without gathering them first)
+            self.bank.add(cast, labels, ids, rows=right)
             extra = {"thumb": thumbs} if parts is None else {"thumb": thumbs, "parts": parts}
-            self.extras.add(labels.cpu(), ids, rows=right, **extra)    # (copied without a gather)
+            self.extras.add(labels.cpu(), ids, rows=right, **extra)
         wrong_idx = wrong_cpu.nonzero().squeeze(1)
         if wrong_idx.numel():
             def kept(values: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

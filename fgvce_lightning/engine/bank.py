@@ -94,8 +94,12 @@ class ReferenceBank:
             raise ValueError(f"Expected `dtype` to be one of {list(_ALLOWED_DTYPES)}, but got {dtype}.")
         self._device = torch.device(device)
         self._dtype = dtype
-        self._features = torch.zeros(self._num_classes, self._capacity, *self._feature_shape,
-                                     device=self._device, dtype=dtype)
+        # the rings, plus one spare row past them: `add(rows=)` writes the rows it leaves out there
+        # instead of gathering the others first
+        self._storage = torch.zeros(self._num_classes * self._capacity + 1, *self._feature_shape,
+                                    device=self._device, dtype=dtype)
+        self._features = self._storage[:-1].view(self._num_classes, self._capacity,
+                                                 *self._feature_shape)
         self._ids = torch.full((self._num_classes, self._capacity, self._id_width), -1,
                                device=self._device, dtype=torch.int64)
         self._counts = torch.zeros(self._num_classes, device=self._device, dtype=torch.int64)
@@ -130,7 +134,7 @@ class ReferenceBank:
     @property
     def memory_bytes(self) -> int:
         """Bytes held by the buffers; fixed at construction."""
-        tensors = (self._features, self._ids, self._counts, self._write, self._seen)
+        tensors = (self._storage, self._ids, self._counts, self._write, self._seen)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def counts(self) -> torch.Tensor:
@@ -151,7 +155,7 @@ class ReferenceBank:
 
     # ------------------------------------------------------------------ writing
     def add(self, features: torch.Tensor, labels: torch.Tensor,
-            ids: Optional[torch.Tensor] = None) -> int:
+            ids: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None) -> int:
         """Add a batch of feature maps to their classes' ring buffers.
 
         Non-finite feature maps (NaN/inf, also after the cast to the bank's dtype) are not added.
@@ -161,6 +165,9 @@ class ReferenceBank:
             features: ``(B, C, H, W)`` feature maps (any device and float dtype).
             labels: ``(B,)`` integer classes in ``[0, num_classes)``.
             ids: ``(B, id_width)`` integer ids, or ``None`` (stored as ``-1``).
+            rows: optional increasing indices of the samples of the batch to add (the others
+                are left out): the same as adding ``features[rows]`` etc., but the maps are
+                copied straight from ``features`` when most of the batch is added.
 
         Returns:
             The number of feature maps rejected because they were not finite.
@@ -187,23 +194,43 @@ class ReferenceBank:
         if ids is None:
             ids = torch.full((batch, self._id_width), -1, dtype=torch.int64, device=self._device)
         ids = self._check_index_tensor(ids, "ids", (batch, self._id_width))
-        if batch == 0:
+        chosen = None
+        if rows is not None:
+            if not isinstance(rows, torch.Tensor) or rows.dim() != 1:
+                raise ValueError(f"Expected `rows` to be a 1-D integer tensor of indices into the "
+                                 f"batch, but got {getattr(rows, 'shape', type(rows).__name__)}.")
+            chosen = self._check_index_tensor(rows, "rows", (rows.shape[0],))
+            if chosen.numel() and (int(chosen[0]) < 0 or int(chosen[-1]) >= batch
+                                   or not bool((chosen[1:] > chosen[:-1]).all())):
+                raise ValueError(f"Expected `rows` to be increasing indices in [0, {batch}), but "
+                                 f"got {chosen.numel()} indices from {int(chosen[0])} to "
+                                 f"{int(chosen[-1])} that are not. Sort them (without repeats).")
+        if batch == 0 or (chosen is not None and chosen.numel() == 0):
             return 0
 
         feats = features.detach().to(device=self._device, dtype=self._dtype)
         finite = finite_rows(feats)
-        rejected = batch - int(finite.sum())
-        if rejected:                   # (boolean indexing copies: only where something goes)
-            feats, labels, ids = feats[finite], labels[finite], ids[finite]
-        if labels.numel() == 0:
+        if chosen is None:
+            chosen = torch.arange(batch, device=self._device)
+        ok = finite[chosen]
+        rejected = chosen.numel() - int(ok.sum())
+        if rejected:
+            chosen = chosen[ok]
+        if chosen.numel() == 0:
             return rejected
 
-        keep, slots, per_class = ring_slots(labels, self._write, self._capacity)
-        if not bool(keep.all()):
-            feats, labels, ids = feats[keep], labels[keep], ids[keep]
-        flat = labels * self._capacity + slots
-        copy_rows(self._features.view(-1, *self._feature_shape), flat, feats)
-        self._ids.view(-1, self._id_width)[flat] = ids
+        keep, slots, per_class = ring_slots(labels[chosen], self._write, self._capacity)
+        kept = chosen[keep]
+        flat = labels[kept] * self._capacity + slots
+        if kept.numel() == batch:                      # every row, in order
+            copy_rows(self._storage, flat, feats)
+        elif 2 * kept.numel() < batch:                 # few rows: gather them
+            copy_rows(self._storage, flat, feats.index_select(0, kept))
+        else:                                          # most rows: the rest to the spare row
+            spare = self._num_classes * self._capacity
+            dest = torch.full((batch,), spare, dtype=torch.int64, device=self._device)
+            copy_rows(self._storage, dest.index_copy_(0, kept, flat), feats)
+        self._ids.view(-1, self._id_width)[flat] = ids[kept]
         self._write = (self._write + per_class) % self._capacity
         self._counts = torch.clamp(self._counts + per_class, max=self._capacity)
         self._seen += per_class

@@ -148,3 +148,42 @@ def test_errors():
         bank.get(5)
     with pytest.raises(ValueError, match=r"lie in \[0, 2\)"):
         bank.gather(torch.tensor([3]))
+
+
+@pytest.mark.parametrize("rows", [[0, 2, 3, 5, 6, 7, 8, 9, 10],      # most rows: the spare row
+                                  [1, 4],                             # few rows: gathered
+                                  list(range(11))])                   # all of them
+def test_adding_rows_of_a_batch_equals_adding_those_rows(rows):
+    labels = torch.tensor([0, 1, 0, 0, 2, 0, 0, 1, 0, 0, 2])
+    values = list(range(100, 111))
+    maps = _maps(values)
+    maps[3, 0, 0, 0] = float("nan")                       # refused wherever it is picked
+    picked = torch.tensor(rows)
+    direct, gathered = ReferenceBank(3, 3, SHAPE), ReferenceBank(3, 3, SHAPE)
+    for bank in (direct, gathered):
+        bank.add(_maps([7]), torch.tensor([0]), _ids([7]))    # write pointer of class 0 not at 0
+    for _ in range(2):                                        # (the second time wraps around)
+        rejected = direct.add(maps, labels, _ids(values), rows=picked)
+        assert rejected == gathered.add(maps[picked], labels[picked], _ids(values)[picked])
+        assert rejected == (3 in rows)
+    for cls in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(direct.get(cls), gathered.get(cls)))
+    assert torch.equal(direct.seen(), gathered.seen()) and torch.equal(direct.counts(), gathered.counts())
+    assert bool(torch.isfinite(direct.get(0)[0]).all())
+    state = direct.state_dict()                               # the spare row is not state
+    assert state["features"].shape == (3, 3, *SHAPE)
+    assert direct.memory_bytes == ReferenceBank(3, 3, SHAPE).memory_bytes
+
+
+def test_rows_must_be_increasing_indices_into_the_batch():
+    bank = ReferenceBank(2, 2, SHAPE)
+    maps, labels, ids = _maps([1, 2, 3]), torch.tensor([0, 1, 0]), _ids([1, 2, 3])
+    for bad in ([2, 0], [0, 0], [0, 3], [-1, 1]):
+        with pytest.raises(ValueError, match="increasing indices in"):
+            bank.add(maps, labels, ids, rows=torch.tensor(bad))
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        bank.add(maps, labels, ids, rows=torch.tensor([[0, 1]]))
+    with pytest.raises(TypeError, match="integer tensor"):
+        bank.add(maps, labels, ids, rows=torch.tensor([0.0, 1.0]))
+    assert bank.add(maps, labels, ids, rows=torch.tensor([], dtype=torch.long)) == 0
+    assert len(bank) == 0
