@@ -110,10 +110,10 @@ def small_images(images: torch.Tensor, size: int, out: Optional[torch.Tensor] = 
     When the images already have that size this is one pass over them (a cast), against six for
     min-max normalised ``uint8`` pictures: on the demo model (2 CPU threads) it took the
     monitor's thumbnails from 13-16 to 3-5 ms per validation epoch of 1000 images (six
-    alternating runs). :func:`pictures`
-    makes the few that are drawn ``uint8``. float16 keeps 11 significant bits, a thousandth of
-    an image's largest magnitude: far below one of a picture's 256 levels unless the image is a
-    small variation on a large offset. Values beyond float16's range (65504) saturate.
+    alternating runs). :func:`pictures` makes the few that are drawn ``uint8``. float16 keeps
+    11 significant bits, a thousandth of an image's largest magnitude: far below one of a
+    picture's 256 levels unless the image is a small variation on a large offset. Values beyond
+    float16's range (65504) saturate.
 
     Args:
         images: ``(B, C, H, W)`` images (any normalisation); 1-channel images are repeated to
