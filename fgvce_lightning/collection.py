@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from .engine._util import copy_rows
+from .engine._util import copy_kept_rows, copy_rows
 from .engine.bank import ring_slots
 
 __all__ = ["ParsedBatch", "parse_batch", "small_images", "pictures", "MistakeBuffer", "ReferenceExtras"]
@@ -292,9 +292,10 @@ class ReferenceExtras:
             **tensors: torch.Tensor) -> None:
         """Add a batch: ``labels (B,)``, ``ids (B, id_width)`` and extras with leading dim ``B``.
 
-        ``rows`` (increasing indices) adds only those samples of the batch. Their extras are then
-        copied straight from the batch's tensors, without gathering them first: the rows left
-        out are written to a spare row past the ring buffers.
+        ``rows`` (increasing indices) adds only those samples of the batch; when they are most of
+        it, their extras are copied straight from the batch's tensors without gathering them
+        first (:func:`~fgvce_lightning.engine._util.copy_kept_rows`: the rows left out go to a
+        spare row past the ring buffers).
         """
         labels, ids = labels.long().cpu(), ids.long().cpu()
         n = labels.shape[0]
@@ -308,15 +309,13 @@ class ReferenceExtras:
         slots = labels[kept] * self.capacity + slot_in_class
         self.count += per_class
         self.ids.view(-1, self.ids.shape[-1])[slots] = ids[kept]
-        spare = self.num_classes * self.capacity           # the spare row
-        if kept.numel() < n:                               # (kept is increasing: all n = every row)
-            slots = torch.full((n,), spare, dtype=torch.long).index_copy_(0, kept, slots)
         for name, value in tensors.items():
             store = self._store.get(name)
-            if store is None or store.shape[1:] != value.shape[1:]:
-                store = torch.zeros((spare + 1, *value.shape[1:]), dtype=value.dtype)
+            if store is None or store.shape[1:] != value.shape[1:]:        # (+ the spare row)
+                store = torch.zeros((self.num_classes * self.capacity + 1, *value.shape[1:]),
+                                    dtype=value.dtype)
                 self._store[name] = store
-            copy_rows(store, slots, value.detach().cpu())
+            copy_kept_rows(store, slots, value.detach().cpu(), kept)
 
     def _rings(self, name: str) -> Optional[torch.Tensor]:
         """The stored extras ``name`` as ``(num_classes, capacity, ...)`` (without the spare row)."""

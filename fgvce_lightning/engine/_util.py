@@ -222,3 +222,21 @@ def copy_rows(dest: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> Non
         width = math.prod(dest.shape[1:])
         target, rows = dest.view(dest.shape[0], width), src.view(src.shape[0], width)
     target.index_copy_(0, index, rows)
+
+
+def copy_kept_rows(dest: torch.Tensor, slots: torch.Tensor, src: torch.Tensor,
+                   kept: torch.Tensor) -> None:
+    """``dest[slots] = src[kept]`` for increasing row indices ``kept`` of ``src``.
+
+    ``dest``'s last row is a spare that no slot names: when most rows of ``src`` are kept they are
+    copied straight from it (the others to the spare row) instead of being gathered first, which
+    saves a pass over them; few kept rows are gathered.
+    """
+    n = src.shape[0]
+    if kept.numel() == n:                          # every row, in order
+        copy_rows(dest, slots, src)
+    elif 2 * kept.numel() < n:                     # few rows: gather them
+        copy_rows(dest, slots, src.index_select(0, kept.to(src.device)))
+    else:                                          # most rows: the rest to the spare row
+        index = torch.full((n,), dest.shape[0] - 1, dtype=torch.int64, device=dest.device)
+        copy_rows(dest, index.index_copy_(0, kept.to(dest.device), slots.to(dest.device)), src)

@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ._util import copy_rows, finite_rows
+from ._util import copy_kept_rows, finite_rows
 
 __all__ = ["ReferenceBank"]
 
@@ -222,14 +222,7 @@ class ReferenceBank:
         keep, slots, per_class = ring_slots(labels[chosen], self._write, self._capacity)
         kept = chosen[keep]
         flat = labels[kept] * self._capacity + slots
-        if kept.numel() == batch:                      # every row, in order
-            copy_rows(self._storage, flat, feats)
-        elif 2 * kept.numel() < batch:                 # few rows: gather them
-            copy_rows(self._storage, flat, feats.index_select(0, kept))
-        else:                                          # most rows: the rest to the spare row
-            spare = self._num_classes * self._capacity
-            dest = torch.full((batch,), spare, dtype=torch.int64, device=self._device)
-            copy_rows(self._storage, dest.index_copy_(0, kept, flat), feats)
+        copy_kept_rows(self._storage, flat, feats, kept)
         self._ids.view(-1, self._id_width)[flat] = ids[kept]
         self._write = (self._write + per_class) % self._capacity
         self._counts = torch.clamp(self._counts + per_class, max=self._capacity)
