@@ -174,9 +174,10 @@ class Stores:
     def add(self, batch: BatchSet, pred: torch.Tensor, wrong: torch.Tensor) -> None:
         """Correct samples go to the bank, mistakes to the reservoir, with thumbnails and parts.
 
-        Runs on every set of validation batches (:class:`PendingBatches`), so it gathers each row
-        it keeps once (index lists, not boolean masks) and computes the mistakes' maps and part
-        labels only for the rows the reservoir keeps.
+        Runs on every set of validation batches (:class:`PendingBatches`): the references are
+        copied straight from the set into the bank and the extras (``rows=``, no gather first),
+        and the mistakes' maps, labels and thumbnails are gathered only for the rows the
+        reservoir keeps (index lists, not boolean masks).
         """
         feats, thumbs = batch.feats, batch.thumbs
         labels = batch.labels.to(pred.device)
