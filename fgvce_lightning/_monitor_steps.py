@@ -54,9 +54,10 @@ class BatchSet:
         labels: ``(B,)`` true classes.
         keypoints: ``(B, P, 3)`` keypoints when the stores use them, else ``None``.
         masks: ``(B, P, h, w)`` masks when the stores use them, else ``None``.
-        thumbs: ``(B, 3, T, T)`` float16 CPU thumbnails (:func:`small_images`; drawn with
-            :func:`pictures`).
+        thumbs: ``(B, 3, T, T)`` float16 thumbnails on the images' device (:func:`small_images`;
+            drawn with :func:`pictures`).
         ids: ``(B, 3)`` sample ids ``(dataloader_idx, batch_idx, index in the batch)``.
+        slab: the :class:`PendingBatches` buffers the tensors are views of, if any.
     """
 
     feats: torch.Tensor
@@ -66,6 +67,7 @@ class BatchSet:
     masks: Optional[torch.Tensor]
     thumbs: torch.Tensor
     ids: torch.Tensor
+    slab: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -87,10 +89,11 @@ class Stores:
               input_size: tuple[int, int], device: torch.device, dtype: torch.dtype,
               feature_dtype: torch.dtype, mistakes: int, budget_bytes: int,
               max_per_class: Optional[int], thumbnail_size: int, part_source: str,
-              num_annotated: int, seed: int) -> "Stores":
+              num_annotated: int, seed: int, batch_bytes: int = 0) -> "Stores":
         """Size the stores from ``budget_bytes``: mistakes first, then the batches waiting to be
-        stored (:class:`PendingBatches`: 1/32 of the budget, at most 32 MiB, held up to three times
-        over: one set being gathered, one being stored, its concatenation), the rest to the bank.
+        stored (:class:`PendingBatches`: 1/32 of the budget, at most 32 MiB, at least one batch
+        of ``batch_bytes`` as they wait; held twice over: one set being filled, one being
+        stored), the rest to the bank.
 
         Raises:
             ValueError: when the budget does not hold the mistakes and one reference per class.
@@ -103,8 +106,8 @@ class Stores:
         per_mistake = feat + extras + 2 * 8
         per_reference = feat + 3 * 8 + extras
         mistake_bytes = mistakes * per_mistake
-        pending = min(_PENDING_MAX_BYTES, budget_bytes // 32)
-        fixed = mistake_bytes + 3 * pending + extras     # (+ the extras' spare row)
+        pending = max(min(_PENDING_MAX_BYTES, budget_bytes // 32), int(batch_bytes))
+        fixed = mistake_bytes + 2 * pending + extras     # (+ the extras' spare row)
         capacity = (budget_bytes - fixed) // (num_classes * per_reference)
         if capacity < 1:
             need = fixed + num_classes * per_reference
@@ -179,7 +182,7 @@ class Stores:
         and the mistakes' maps, labels and thumbnails are gathered only for the rows the
         reservoir keeps (index lists, not boolean masks).
         """
-        feats, thumbs = batch.feats, batch.thumbs
+        feats, thumbs = batch.feats, batch.thumbs.cpu()
         labels = batch.labels.to(pred.device)
         parts = self.cell_parts(batch)
         wrong_cpu, ids = wrong.cpu(), batch.ids.cpu()
@@ -213,86 +216,201 @@ class Stores:
         return self.bank.memory_bytes + self.extras.memory_bytes + self.mistakes.memory_bytes
 
 
+class _Slab:
+    """Buffers that one set of waiting batches is copied into, row after row, and that are reused
+    once the set is stored (rows ``[0, n)`` are filled)."""
+
+    def __init__(self, key: tuple, rows: int, feats: torch.Tensor, logits: torch.Tensor,
+                 parsed: ParsedBatch, thumbnail_size: int) -> None:
+        def like(t: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None,
+                 device: Optional[torch.device] = None, shape: Optional[tuple] = None
+                 ) -> Optional[torch.Tensor]:
+            if t is None:
+                return None
+            return torch.empty((rows, *(t.shape[1:] if shape is None else shape)),
+                               dtype=dtype or t.dtype, device=device or t.device)
+
+        self.key, self.rows, self.n = key, rows, 0
+        self.feats, self.logits = like(feats), like(logits)
+        self.labels, self.keypoints, self.masks = (like(parsed.labels), like(parsed.keypoints),
+                                                   like(parsed.masks))
+        self.thumbs = like(parsed.images, torch.float16, shape=(3, thumbnail_size, thumbnail_size))
+        self.where: list[tuple[int, int, int]] = []    # (dataloader_idx, batch_idx, size)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (
+            self.feats, self.logits, self.labels, self.keypoints, self.masks, self.thumbs)
+            if t is not None)
+
+
 class PendingBatches:
     """Validation batches waiting to be stored together.
 
     Storing a batch is some hundred small tensor operations whatever its size (gathers, scatters,
     the reservoir draw, part labels), so storing several batches in one call costs little more
     than storing one: on the demo model (2 CPU threads) 16 batches of 32 took 22 ms one by one
-    and 8 ms together (the concatenation included). Batches are concatenated in order, so the
-    bank and the reservoir end up exactly as if they had been stored one by one. What a batch
-    holds: its feature maps and logits (copies the monitor made) and references to its images
-    and annotations (no copy until :meth:`take`). The images themselves are never concatenated:
-    each batch's are cast to float16 thumbnails on their own (:func:`small_images`).
+    and 8 ms together. Each batch is copied, as it comes, into the next rows of buffers that are
+    reused from set to set (no concatenation, no fresh allocation): its logits, labels and
+    annotations, its images cast to float16 thumbnails (:func:`small_images`; the images are not
+    held), and its feature maps unless the monitor's hook already wrote them there
+    (:meth:`slot`). Batches are kept in order, so the bank and the reservoir end up exactly as if
+    they had been stored one by one.
+
+    A set holds at most ``max_bytes`` (at least one batch). :meth:`take` hands the filled rows
+    out as a :class:`BatchSet` of views; :meth:`release` gives its buffers back once it is
+    stored. At most two sets' buffers are kept for reuse: one being filled, one being stored.
+
+    Args:
+        max_bytes: most bytes of one set (``0``: every batch is a set of its own).
+        thumbnail_size: side of the thumbnails.
     """
 
-    def __init__(self) -> None:
-        self.items: list[tuple[torch.Tensor, torch.Tensor, ParsedBatch, tuple[int, int]]] = []
-        self.nbytes = 0
+    _KEEP = 2      # buffers kept for reuse
+
+    def __init__(self, max_bytes: int = 0, thumbnail_size: int = 64) -> None:
+        self.max_bytes = int(max_bytes)
+        self.thumbnail_size = int(thumbnail_size)
+        self._slab: Optional[_Slab] = None        # being filled
+        self._free: list[_Slab] = []              # stored, ready for reuse
+        self._slot: Optional[torch.Tensor] = None  # rows handed to the hook for the next batch
 
     def __len__(self) -> int:
-        return len(self.items)
+        """Batches waiting."""
+        return 0 if self._slab is None else len(self._slab.where)
+
+    @property
+    def rows(self) -> int:
+        """Samples waiting."""
+        return 0 if self._slab is None else self._slab.n
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of the buffers held here (being filled or ready for reuse)."""
+        return sum(s.nbytes for s in ([self._slab] if self._slab is not None else []) + self._free)
 
     @staticmethod
-    def _tensors(feats: torch.Tensor, logits: torch.Tensor, parsed: ParsedBatch) -> tuple:
-        return feats, logits, parsed.images, parsed.labels, parsed.keypoints, parsed.masks
+    def _key(feats: torch.Tensor, logits: torch.Tensor, parsed: ParsedBatch) -> tuple:
+        """What batches of one set share: every tensor's shape but the first, dtype and device
+        (the images' dtype aside: they are cast)."""
+        def sig(t: Optional[torch.Tensor], dtype: bool = True) -> Optional[tuple]:
+            return None if t is None else (tuple(t.shape[1:]), t.dtype if dtype else None, t.device)
+
+        return (sig(feats), sig(logits), sig(parsed.labels), sig(parsed.keypoints),
+                sig(parsed.masks), sig(parsed.images, dtype=False))
 
     def fits(self, feats: torch.Tensor, logits: torch.Tensor, parsed: ParsedBatch) -> bool:
-        """Whether the batch can be concatenated with the waiting ones (same shapes but the
-        first, same dtypes and devices)."""
-        if not self.items:
+        """Whether the batch can join the waiting ones: the same shapes but the first, dtypes
+        and devices, and room for it (always true when none wait)."""
+        slab = self._slab
+        if slab is None or slab.n == 0:
             return True
-        first = self._tensors(*self.items[0][:3])
-        for a, b in zip(first, self._tensors(feats, logits, parsed)):
-            if (a is None) != (b is None):
-                return False
-            if a is not None and (a.shape[1:] != b.shape[1:] or a.dtype != b.dtype
-                                  or a.device != b.device):
-                return False
-        return True
+        return (slab.key == self._key(feats, logits, parsed)
+                and slab.n + feats.shape[0] <= slab.rows)
 
-    @classmethod
-    def nbytes_of(cls, feats: torch.Tensor, logits: torch.Tensor, parsed: ParsedBatch) -> int:
-        """Bytes a batch holds while it waits."""
-        return sum(t.numel() * t.element_size()
-                   for t in cls._tensors(feats, logits, parsed) if t is not None)
+    @property
+    def full(self) -> bool:
+        """Whether no more rows are free in the set being filled."""
+        return self._slab is not None and self._slab.n >= self._slab.rows
+
+    def _rows_for(self, feats: torch.Tensor, logits: torch.Tensor, parsed: ParsedBatch) -> int:
+        per_row = sum(t[:1].numel() * t.element_size() for t in (
+            feats, logits, parsed.labels, parsed.keypoints, parsed.masks) if t is not None)
+        per_row += 3 * self.thumbnail_size ** 2 * 2
+        return max(int(feats.shape[0]), self.max_bytes // max(1, per_row))
+
+    def _reuse(self, accept: Callable[[_Slab], bool]) -> Optional[_Slab]:
+        while self._free:
+            slab = self._free.pop()
+            if accept(slab):
+                return slab
+        return None
+
+    def slot(self, feats: torch.Tensor) -> Optional[torch.Tensor]:
+        """The rows where the next batch's feature maps will go, for the monitor's hook to write
+        them into directly (saving a copy); ``None`` when there is no room for them, or no
+        buffers of their shape, dtype and device. :meth:`push` then skips their copy."""
+        self._slot = None
+        b = feats.shape[0]
+
+        def room(slab: _Slab) -> bool:
+            return (slab.feats.shape[1:] == feats.shape[1:] and slab.feats.dtype == feats.dtype
+                    and slab.feats.device == feats.device and slab.n + b <= slab.rows)
+
+        if self._slab is None:
+            self._slab = self._reuse(room)
+        if self._slab is None or not room(self._slab):
+            return None
+        self._slot = self._slab.feats[self._slab.n:self._slab.n + b]
+        return self._slot
 
     def push(self, feats: torch.Tensor, logits: torch.Tensor, parsed: ParsedBatch,
              dataloader_idx: int, batch_idx: int) -> None:
-        """Add a batch (call :meth:`fits` first)."""
-        self.items.append((feats, logits, parsed, (int(dataloader_idx), int(batch_idx))))
-        self.nbytes += self.nbytes_of(feats, logits, parsed)
+        """Copy a batch into the next rows (call :meth:`fits` first)."""
+        key = self._key(feats, logits, parsed)
+        slab = self._slab
+        if slab is not None and slab.n == 0 and (
+                slab.key != key or slab.rows < feats.shape[0]):
+            self._slab, slab = None, None               # (a reused buffer of another shape)
+        if slab is None:
+            need = feats.shape[0]
+            slab = self._reuse(lambda s: s.key == key and s.rows >= need)
+            if slab is None:
+                slab = _Slab(key, self._rows_for(feats, logits, parsed), feats, logits, parsed,
+                             self.thumbnail_size)
+            self._slab = slab
+        elif slab.key != key or slab.n + feats.shape[0] > slab.rows:
+            raise ValueError("Expected a batch that fits the waiting ones; call `fits` first and "
+                             "`take` the waiting ones when it does not.")
+        start, end = slab.n, slab.n + feats.shape[0]
+        slot, self._slot = self._slot, None
+        if not (slot is not None and slot.data_ptr() == feats.data_ptr()
+                and slot.shape == feats.shape and slot.data_ptr() == slab.feats[start].data_ptr()):
+            slab.feats[start:end].copy_(feats)
+        slab.logits[start:end].copy_(logits)
+        slab.labels[start:end].copy_(parsed.labels)
+        for name in ("keypoints", "masks"):
+            if getattr(slab, name) is not None:
+                getattr(slab, name)[start:end].copy_(getattr(parsed, name))
+        small_images(parsed.images, self.thumbnail_size, out=slab.thumbs[start:end])
+        slab.where.append((int(dataloader_idx), int(batch_idx), end - start))
+        slab.n = end
 
     def clear(self) -> None:
-        self.items, self.nbytes = [], 0
+        """Drop the waiting batches (the buffers are kept)."""
+        self._slot = None
+        if self._slab is not None:
+            self._slab.n, self._slab.where = 0, []
 
-    def take(self, thumbnail_size: int) -> Optional[BatchSet]:
-        """The waiting batches as one set, their images made into ``thumbnail_size`` thumbnails;
-        ``None`` when none wait. Empties the queue."""
-        items = self.items
-        self.clear()
-        if not items:
+    def take(self) -> Optional[BatchSet]:
+        """The waiting batches as one set (views of the buffers: :meth:`release` it once it is
+        stored); ``None`` when none wait. Empties the queue."""
+        slab, self._slab, self._slot = self._slab, None, None
+        if slab is None or slab.n == 0:
+            if slab is not None:
+                self._free.append(slab)
             return None
-
-        def cat(values: list) -> Optional[torch.Tensor]:
-            return None if values[0] is None else values[0] if len(values) == 1 else torch.cat(values)
-
-        parts = [it[2] for it in items]
-        thumbs = torch.empty((sum(p.images.shape[0] for p in parts), 3, thumbnail_size,
-                              thumbnail_size), dtype=torch.float16, device=parts[0].images.device)
-        start = 0
-        for p in parts:                   # (each batch cast where it goes: no concatenation)
-            end = start + p.images.shape[0]
-            small_images(p.images, thumbnail_size, out=thumbs[start:end])
-            start = end
-        sizes = torch.tensor([it[1].shape[0] for it in items])
-        where = torch.tensor([it[3] for it in items])                          # (K, 2)
+        n = slab.n
+        sizes = torch.tensor([w[2] for w in slab.where])
+        where = torch.tensor([w[:2] for w in slab.where])                   # (K, 2)
         starts = torch.cumsum(sizes, 0) - sizes
-        within = torch.arange(int(sizes.sum())) - torch.repeat_interleave(starts, sizes)
+        within = torch.arange(n) - torch.repeat_interleave(starts, sizes)
         ids = torch.cat([torch.repeat_interleave(where, sizes, dim=0), within[:, None]], 1)
-        return BatchSet(cat([it[0] for it in items]), cat([it[1] for it in items]),
-                        cat([p.labels for p in parts]), cat([p.keypoints for p in parts]),
-                        cat([p.masks for p in parts]), thumbs.cpu(), ids)
+
+        def rows(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t[:n]
+
+        return BatchSet(slab.feats[:n], slab.logits[:n], slab.labels[:n], rows(slab.keypoints),
+                        rows(slab.masks), slab.thumbs[:n], ids, slab=slab)
+
+    def release(self, batch: Optional[BatchSet]) -> None:
+        """Give a taken set's buffers back for reuse (thread-safe; call once it is stored)."""
+        slab = None if batch is None else batch.slab
+        if slab is None:
+            return
+        slab.n, slab.where = 0, []
+        if len(self._free) < self._KEEP:
+            self._free.append(slab)
 
 
 @dataclass(frozen=True)

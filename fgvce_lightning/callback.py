@@ -85,7 +85,8 @@ class CounterfactualMonitor(Callback):
             allows). More references cost search time, not only memory.
         bank_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` storage of the feature maps.
         thumbnail_size: side in pixels of the thumbnail kept for every kept image (in float16,
-            6 bytes a pixel; made ``uint8`` when drawn).
+            6 bytes a pixel; made ``uint8`` when drawn); smaller images are kept at their own
+            size (the pictures are scaled when drawn).
         report_dir: where epoch reports go; ``None`` = ``<trainer.log_dir>/fgvce``.
         report_html: also write ``report.html`` (with figures and pictures; the slow part).
         search: a :class:`~fgvce_lightning.engine.search.SearchConfig`; or give its fields as
@@ -377,7 +378,10 @@ class CounterfactualMonitor(Callback):
                 with torch.inference_mode(False), torch.no_grad():
                     out = split.features_from_tap(output)
                     if isinstance(out, torch.Tensor):
-                        self._captured = out.detach().clone()
+                        out = out.detach()
+                        # straight into the rows the batch will wait in, when there is room
+                        slot = self._pending.slot(out) if out.dim() == 4 else None
+                        self._captured = out.clone() if slot is None else slot.copy_(out)
 
         self._hook_handle = split.tap_module.register_forward_hook(hook)
         if self._reuse_logits is not False:
@@ -418,7 +422,11 @@ class CounterfactualMonitor(Callback):
                         # error raises
                         self._pending.push(feats, logits, store.needed(parsed), dataloader_idx,
                                            batch_idx)
-                        self._store_batch(store, self._pending.take(store.thumbnail_size))
+                        taken = self._pending.take()
+                        try:
+                            self._store_batch(store, taken)
+                        finally:
+                            self._pending.release(taken)
             self._checked = True
         except Exception as err:  # noqa: BLE001 - configuration errors raise, later ones are counted
             if not self._checked:
@@ -429,33 +437,32 @@ class CounterfactualMonitor(Callback):
 
     def _queue_batch(self, store: "steps.Stores", feats: torch.Tensor, logits: torch.Tensor,
                      parsed: ParsedBatch, dataloader_idx: int, batch_idx: int) -> None:
-        """Hold the batch with the waiting ones, storing those first when it would take them past
-        the stores' ``pending_bytes`` (a batch larger than that alone is stored at once), inline
-        or on the collection thread, in batch order."""
+        """Hold the batch with the waiting ones, storing those first when there is no room for it
+        (a set holds the stores' ``pending_bytes``; a larger batch is a set of its own) and them
+        with it once the set is full, inline or on the collection thread, in batch order."""
         store.check_shapes(feats, logits, parsed)
         parsed = store.needed(parsed)
-        size = steps.PendingBatches.nbytes_of(feats, logits, parsed)
-        if (not self._pending.fits(feats, logits, parsed)
-                or self._pending.nbytes + size > store.pending_bytes):
+        if not self._pending.fits(feats, logits, parsed):
             self._flush_pending()
         self._pending.push(feats, logits, parsed, dataloader_idx, batch_idx)
-        if self._pending.nbytes >= store.pending_bytes:
+        if self._pending.full:
             self._flush_pending()
 
     def _flush_pending(self) -> None:
-        """Store the waiting batches: on the collection thread (which concatenates them) when
-        this epoch uses it, else here (a failure propagates to the caller)."""
+        """Store the waiting batches: on the collection thread when this epoch uses it, else
+        here (a failure propagates to the caller)."""
         if not len(self._pending) or self._store is None:
             self._pending.clear()
             return
-        waiting, store = self._pending, self._store
-        self._pending = steps.PendingBatches()
+        pending, store = self._pending, self._store
+        with torch.inference_mode(False), torch.no_grad():
+            taken = pending.take()           # (views of its buffers: no copy)
 
         def store_them() -> None:
-            with torch.inference_mode(False), torch.no_grad():
-                taken = waiting.take(store.thumbnail_size)
-            if taken is not None:
+            try:
                 self._store_batch(store, taken)
+            finally:
+                pending.release(taken)
 
         if self._threaded:
             # the bookkeeping runs on the collection thread, in batch order, while the
@@ -519,6 +526,8 @@ class CounterfactualMonitor(Callback):
                              "Check the model split (`layer`/`features`/`head`).")
         if self._store is None:
             self._store = self._build_stores(trainer, pl_module, parsed, feats, logits)
+            self._pending = steps.PendingBatches(self._store.pending_bytes,
+                                                 self._store.thumbnail_size)
         if trainer.sanity_checking:
             self._store.check(feats, logits, parsed)
             return None
@@ -603,13 +612,18 @@ class CounterfactualMonitor(Callback):
                 raise ValueError(f"Expected {num_annotated} `part_names` (the batch's {source} have "
                                  f"{num_annotated} parts), but got {len(self.part_names)}.")
         per_rank = math.ceil(self.max_samples / max(1, trainer.world_size))
+        thumb = min(self.thumbnail_size, max(parsed.images.shape[-2:]))   # never enlarged
+        kept = (feats, logits, parsed.labels, getattr(parsed, source, None)
+                if source in ("keypoints", "masks") else None)
+        batch_bytes = sum(t.numel() * t.element_size() for t in kept if t is not None) + (
+            feats.shape[0] * 3 * thumb ** 2 * 2)                     # as a batch waits to be stored
         return steps.Stores.build(
             num_classes=num_classes, feature_shape=tuple(feats.shape[1:]),
             input_size=tuple(parsed.images.shape[-2:]), device=pl_module.device,
             dtype=self.bank_dtype, mistakes=per_rank, budget_bytes=int(self.memory_budget_mb * 2 ** 20),
-            max_per_class=self.max_references_per_class, thumbnail_size=self.thumbnail_size,
+            max_per_class=self.max_references_per_class, thumbnail_size=thumb,
             feature_dtype=feats.dtype, part_source=source, num_annotated=num_annotated,
-            seed=self.seed)
+            seed=self.seed, batch_bytes=batch_bytes)
 
     # ------------------------------------------------------------------ explanation
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -763,8 +777,9 @@ class CounterfactualMonitor(Callback):
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes held by the reference bank, the mistake buffer and their thumbnails/labels."""
-        return 0 if self._store is None else self._store.memory_bytes
+        """Bytes held by the reference bank, the mistake buffer, their thumbnails/labels and the
+        buffers that validation batches wait in."""
+        return (0 if self._store is None else self._store.memory_bytes) + self._pending.memory_bytes
 
     def state_dict(self) -> dict[str, Any]:
         if self._job is not None and self._job.done():

@@ -301,6 +301,6 @@ def test_batches_wait_and_are_stored_together_up_to_the_budget_share(tmp_path, m
     monkeypatch.setattr(steps, "_PENDING_MAX_BYTES", 1)          # no batch fits: one at a time
     alone, _ = _fit(tmp_path / "alone", max_epochs=1)
     assert calls == [[0], [1], [2], [3]]
-    assert alone._pending.nbytes == 0 and len(alone._pending) == 0
+    assert alone._pending.rows == 0 and len(alone._pending) == 0
     assert _edits(tmp_path / "together" / "r") == _edits(tmp_path / "alone" / "r")
     assert together.summaries[0]["num_misclassified"] == alone.summaries[0]["num_misclassified"]

@@ -214,14 +214,22 @@ def test_batches_stored_together_leave_the_stores_exactly_as_one_by_one():
         thumbs = small_images(parsed.images, one.thumbnail_size)
         _store_all(one, steps.BatchSet(feats, logits, parsed.labels, parsed.keypoints, None,
                                        thumbs, ids))
-    pending = steps.PendingBatches()
+    pending = steps.PendingBatches(2 ** 20, together.thumbnail_size)
+    buffers = set()
     for i, (feats, logits, parsed) in enumerate(batches):
         assert pending.fits(feats, logits, together.needed(parsed))
+        if i == 3:                   # the hook's way: the feature maps written where they wait
+            pending.slot(feats).copy_(feats)
         pending.push(feats, logits, together.needed(parsed), 0, i)
         if i in (1, 4):                                   # three chunks: 2 + 3 + 1 batches
-            _store_all(together, pending.take(together.thumbnail_size))
-    _store_all(together, pending.take(together.thumbnail_size))
-    assert len(pending) == 0 and pending.nbytes == 0 and pending.take(6) is None
+            taken = pending.take()
+            buffers.add(taken.feats.data_ptr())
+            _store_all(together, taken)
+            pending.release(taken)          # its buffers are filled again by the next batches
+    taken = pending.take()
+    _store_all(together, taken)
+    assert buffers == {taken.feats.data_ptr()}            # one set of buffers, reused
+    assert len(pending) == 0 and pending.rows == 0 and pending.take() is None
     assert one.mistakes.seen == together.mistakes.seen == sum(
         int((lg.argmax(1) != p.labels).sum()) for _, lg, p in batches)
     assert one.mistakes.seen > one.mistakes.capacity      # the reservoir drew
@@ -246,10 +254,12 @@ def test_pending_batches_hold_only_what_the_stores_use_and_refuse_mismatched_bat
     (feats, logits, parsed), = _batches(1)
     slim = store.needed(parsed)
     assert slim.keypoints is parsed.keypoints and slim.masks is None   # masks are not held
-    pending = steps.PendingBatches()
+    per_row = sum(t[0].numel() * t.element_size() for t in (feats, logits, slim.labels,
+                                                            slim.keypoints)) + 3 * 5 * 5 * 2
+    pending = steps.PendingBatches(12 * per_row, thumbnail_size=5)
     pending.push(feats, logits, slim, 2, 9)
-    assert pending.nbytes == sum(t.numel() * t.element_size()
-                                 for t in (feats, logits, slim.images, slim.labels, slim.keypoints))
+    # buffers for 12 rows of what the stores keep (not the images, not the masks)
+    assert pending.memory_bytes == 12 * per_row and pending.rows == 7 and len(pending) == 1
     assert not pending.fits(feats, logits, parsed)                      # masks present now
     assert not pending.fits(feats[:, :, :2], logits, slim)              # another grid
     assert not pending.fits(feats.double(), logits, slim)
@@ -257,9 +267,13 @@ def test_pending_batches_hold_only_what_the_stores_use_and_refuse_mismatched_bat
     assert not pending.fits(feats, logits, other)                       # another input size
     assert pending.fits(feats[:3], logits[:3], type(slim)(slim.images[:3], slim.labels[:3],
                                                           slim.keypoints[:3]))
+    assert not pending.fits(feats, logits, slim)                        # no room for 7 more
+    with pytest.raises(ValueError, match="fits the waiting ones"):
+        pending.push(feats, logits, slim, 2, 10)
+    assert pending.slot(feats) is None and pending.slot(feats[:3].double()) is None
     pending.push(feats[:3], logits[:3], type(slim)(slim.images[:3], slim.labels[:3],
                                                    slim.keypoints[:3]), 2, 10)
-    taken = pending.take(5)
+    taken = pending.take()
     assert taken.feats.shape[0] == taken.logits.shape[0] == taken.keypoints.shape[0] == 10
     assert taken.masks is None and taken.labels.tolist() == slim.labels.tolist() + slim.labels[:3].tolist()
     assert taken.thumbs.shape == (10, 3, 5, 5) and taken.thumbs.dtype == torch.float16
@@ -281,14 +295,22 @@ def test_the_memory_budget_counts_the_batches_waiting_to_be_stored():
     for budget in (2 ** 13, 2 ** 14, 2 ** 15):
         store = _stores(budget=budget, max_per_class=None)
         assert store.pending_bytes == budget // 32
+        pending = steps.PendingBatches(store.pending_bytes, store.thumbnail_size)
         for i, (feats, logits, parsed) in enumerate(_batches(60, size=16)):   # fill everything
-            pending = steps.PendingBatches()
+            if not pending.fits(feats, logits, store.needed(parsed)):
+                taken = pending.take()
+                _store_all(store, taken)
+                pending.release(taken)
             pending.push(feats, logits, store.needed(parsed), 0, i)
-            _store_all(store, pending.take(store.thumbnail_size))
+            # a set holds at most the budget's share, or one batch when that is larger
+            one_batch = sum(t.numel() * t.element_size() for t in (
+                feats, logits, parsed.labels, parsed.keypoints)) + 16 * 3 * 6 * 6 * 2
+            assert pending.memory_bytes <= max(store.pending_bytes, one_batch)
+        _store_all(store, pending.take())
         assert int(store.bank.counts().min()) == store.bank.capacity_per_class >= 1
-        # what the stores hold and three sets of waiting batches fit the budget, and one more
+        # what the stores hold and two sets of waiting batches fit the budget, and one more
         # reference per class would not
-        held = store.memory_bytes + 3 * store.pending_bytes
+        held = store.memory_bytes + 2 * store.pending_bytes
         per_class = (store.bank.memory_bytes + store.extras.memory_bytes) / (
             3 * store.bank.capacity_per_class)
         assert held <= budget < held + 3 * per_class, (budget, held)
