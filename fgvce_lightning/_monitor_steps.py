@@ -188,15 +188,19 @@ class Stores:
         wrong_cpu, ids = wrong.cpu(), batch.ids.cpu()
         right = (~wrong_cpu).nonzero().squeeze(1)
         if right.numel():
-            # cast once; the bank refuses maps that are not finite in its dtype, so leave them
-            # out of the extras too (or the two ring buffers drift apart)
-            cast = feats.to(self.bank.dtype)
+            # cast once; maps that are not finite in the bank's dtype are left out (of the
+            # extras too, or the two ring buffers drift apart)
+            cast = feats.to(device=self.bank.device, dtype=self.bank.dtype)
             right = right[finite_rows(cast).cpu()[right]]
         if right.numel():
-            # (both copy the kept rows straight from the set, without gathering them first)
-            self.bank.add(cast, labels, ids, rows=right)
+            # checked here (`check`, finite rows), so inserted without the bank's checks; the
+            # extras go where the bank placed the maps. Both copy the kept rows straight from the
+            # set, without gathering them first.
+            device = self.bank.device
+            kept, slots, per_class = self.bank._insert(
+                cast, labels.to(device).long(), ids.to(device).long(), right.to(device))
             extra = {"thumb": thumbs} if parts is None else {"thumb": thumbs, "parts": parts}
-            self.extras.add(labels.cpu(), ids, rows=right, **extra)
+            self.extras.put(kept, slots, per_class, ids, **extra)
         wrong_idx = wrong_cpu.nonzero().squeeze(1)
         if wrong_idx.numel():
             def kept(values: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

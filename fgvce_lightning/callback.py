@@ -218,6 +218,8 @@ class CounterfactualMonitor(Callback):
         self._captured: Optional[torch.Tensor] = None
         self._logit_handles: list = []
         self._captured_logits: Optional[torch.Tensor] = None
+        self._hooked: Optional[tuple] = None   # (split, logit hooks?, module) the hooks are on
+        self._armed = False            # between a batch's start and end: the hooks capture
         # None: not yet checked this epoch; True: the model's own output equals head(F), reuse it;
         # False: it does not (another output format, test-time augmentation, ...), recompute
         self._reuse_logits: Optional[bool] = None
@@ -361,20 +363,21 @@ class CounterfactualMonitor(Callback):
         for handle in self._logit_handles:
             handle.remove()
         self._logit_handles = []
+        self._hooked = None
+        self._armed = False
         self._captured = None
         self._captured_logits = None
 
-    def on_validation_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
-                                  batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._remove_hook()
-        if not self._active or self._split is None or self._split.tap_module is None:
-            return
+    def _register_hooks(self, pl_module: "pl.LightningModule") -> None:
+        """Forward hooks on the split point (feature maps) and, unless they are recomputed, on
+        the model (logits). They stay for the validation epoch and capture only between a
+        batch's start and end (``_armed``): other forwards in between are left alone."""
         split = self._split
 
         def hook(module: torch.nn.Module, inputs: Any, output: Any) -> None:
             # first call of the batch only; a detached copy (the forward may modify its output in
             # place later), made outside inference mode so it can be stored and searched later
-            if self._captured is None:
+            if self._armed and self._captured is None:
                 with torch.inference_mode(False), torch.no_grad():
                     out = split.features_from_tap(output)
                     if isinstance(out, torch.Tensor):
@@ -384,11 +387,12 @@ class CounterfactualMonitor(Callback):
                         self._captured = out.clone() if slot is None else slot.copy_(out)
 
         self._hook_handle = split.tap_module.register_forward_hook(hook)
-        if self._reuse_logits is not False:
+        logits = self._reuse_logits is not False
+        if logits:
             # the logits of the user's own forward (the outermost module call that returns a
             # (B, K) tensor), so the head need not run a second time
             def logit_hook(module: torch.nn.Module, inputs: Any, output: Any) -> None:
-                if isinstance(output, torch.Tensor) and output.dim() == 2:
+                if self._armed and isinstance(output, torch.Tensor) and output.dim() == 2:
                     with torch.inference_mode(False), torch.no_grad():
                         self._captured_logits = output.detach().clone()
 
@@ -398,12 +402,28 @@ class CounterfactualMonitor(Callback):
                 if isinstance(owner, torch.nn.Module) and id(owner) not in seen:
                     seen.add(id(owner))
                     self._logit_handles.append(owner.register_forward_hook(logit_hook))
+        self._hooked = (split, logits, pl_module)
+
+    def on_validation_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                                  batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self._active or self._split is None or self._split.tap_module is None:
+            self._remove_hook()
+            return
+        hooked = self._hooked
+        if (hooked is None or hooked[0] is not self._split or hooked[2] is not pl_module
+                or hooked[1] != (self._reuse_logits is not False)):
+            self._remove_hook()          # (first batch, or the split / the logits check changed)
+            self._register_hooks(pl_module)
+        self._captured = self._captured_logits = None
+        self._armed = True
 
     def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                                 outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         captured, captured_logits = self._captured, self._captured_logits
-        self._remove_hook()
+        self._armed = False
+        self._captured = self._captured_logits = None
         if not self._active:
+            self._remove_hook()
             return
         if self._collector is not None and self._collector.errors:
             self._drain_collection()       # the queued batches are skipped; warn, stop this epoch
@@ -510,16 +530,20 @@ class CounterfactualMonitor(Callback):
         logits = None
         usable = (captured_logits is not None and captured is not None
                   and captured_logits.shape[0] == feats.shape[0])
+        if usable and self._reuse_logits is None:
+            # checked once per epoch, on two samples: reuse the model's own output only where
+            # it is head(F)
+            with _model_call(pl_module):
+                probe = self._split.head(feats[:2])
+            mine = captured_logits[:2]
+            self._reuse_logits = (isinstance(probe, torch.Tensor) and probe.shape == mine.shape
+                                  and bool(torch.allclose(mine.float(), probe.float(),
+                                                          rtol=1e-4, atol=1e-4)))
         if usable and self._reuse_logits:
             logits = captured_logits
         if logits is None:
             with _model_call(pl_module):
                 logits = self._split.head(feats)
-            if usable and self._reuse_logits is None and isinstance(logits, torch.Tensor):
-                # checked once per epoch: reuse the model's own output only where it is head(F)
-                same = (captured_logits.shape == logits.shape and bool(torch.allclose(
-                    captured_logits.float(), logits.float(), rtol=1e-4, atol=1e-4)))
-                self._reuse_logits = same
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != feats.shape[0]:
             raise ValueError(f"Expected the head to return logits of shape ({feats.shape[0]}, "
                              f"num_classes), but got {getattr(logits, 'shape', type(logits).__name__)}. "
@@ -762,7 +786,7 @@ class CounterfactualMonitor(Callback):
                   for k, v in self._prototypes.state_dict().items()}
         state = self.__dict__.copy()
         state.update(_store=None, _hook_handle=None, _captured=None, _logit_handles=[],
-                     _captured_logits=None, _reporters={}, _split=None,
+                     _captured_logits=None, _hooked=None, _armed=False, _pending=steps.PendingBatches(), _reporters={}, _split=None,
                      _split_owner=None, _locate_tried=False, _job=None, _collector=None, _frozen=None,
                      _proto_lock=None, _prototypes=protos)
         return state

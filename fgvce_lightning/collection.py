@@ -306,8 +306,16 @@ class ReferenceExtras:
         keep, slot_in_class, per_class = ring_slots(labels[chosen], self.count % self.capacity,
                                                     self.capacity)
         kept = chosen[keep]
-        slots = labels[kept] * self.capacity + slot_in_class
-        self.count += per_class
+        self.put(kept, labels[kept] * self.capacity + slot_in_class, per_class, ids, **tensors)
+
+    def put(self, kept: torch.Tensor, slots: torch.Tensor, per_class: torch.Tensor,
+            ids: torch.Tensor, **tensors: torch.Tensor) -> None:
+        """Write the batch rows ``kept`` (increasing) to the flat slots ``class * capacity +
+        slot`` that the bank placed them in (:meth:`ReferenceBank._insert
+        <fgvce_lightning.engine.bank.ReferenceBank._insert>` returns both, and ``per_class``, the
+        count offered per class), so the two need not place them twice."""
+        kept, slots, ids = kept.cpu(), slots.cpu(), ids.long().cpu()
+        self.count += per_class.cpu()
         self.ids.view(-1, self.ids.shape[-1])[slots] = ids[kept]
         for name, value in tensors.items():
             store = self._store.get(name)

@@ -362,3 +362,33 @@ def test_model_output_is_reused_as_logits_only_when_it_equals_the_head(tmp_path)
     assert guarded._reuse_logits is False        # mismatch detected: the head is used
     assert _explained(guarded) == _explained(reused)
     assert _no_forward_hooks(model) and _no_forward_hooks(scaled)
+
+
+def test_forwards_outside_the_validation_step_are_not_captured(tmp_path):
+    """The hooks stay on the model for the validation epoch (one set, not one per batch) but
+    capture only inside a batch: another callback's forward after the monitor's batch end (here
+    on blank images) changes nothing that is stored."""
+    seen_hooks = []
+
+    class Meddler(L.Callback):
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                    dataloader_idx=0):
+            seen_hooks.append(sum(len(m._forward_hooks) for m in pl_module.modules()))
+            pl_module(torch.zeros_like(batch[0]))
+
+    stores = {}
+    for name, extra in (("plain", []), ("meddled", [Meddler()])):
+        L.seed_everything(0)
+        _, val = loaders()
+        model = TinyClassifier()
+        monitor = _monitor(max_samples=8, report_dir=tmp_path / name)
+        _trainer(tmp_path / name, [monitor, *extra]).validate(model, val)
+        stores[name] = monitor._store
+        assert _no_forward_hooks(model)
+    # (the first batch locates the split point: no hook yet) tap, module, inner net
+    assert seen_hooks == [0, 3, 3, 3]
+    plain, meddled = stores["plain"], stores["meddled"]
+    assert plain.mistakes.seen == meddled.mistakes.seen > 0
+    for name in ("features", "true", "pred", "ids"):
+        assert torch.equal(plain.mistakes.get(name), meddled.mistakes.get(name)), name
+    assert torch.equal(plain.bank._storage, meddled.bank._storage)

@@ -218,7 +218,15 @@ class ReferenceBank:
             chosen = chosen[ok]
         if chosen.numel() == 0:
             return rejected
+        self._insert(feats, labels, ids, chosen)
+        return rejected
 
+    def _insert(self, feats: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor,
+                chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write the rows ``chosen`` of a batch that :meth:`add` checked (or its caller did:
+        finite maps in the bank's dtype and device, labels in range, int64 ids and increasing
+        ``chosen`` on the bank's device). Returns where they went: the batch rows kept, their flat
+        slots ``class * capacity + slot`` and the count offered per class."""
         keep, slots, per_class = ring_slots(labels[chosen], self._write, self._capacity)
         kept = chosen[keep]
         flat = labels[kept] * self._capacity + slots
@@ -227,7 +235,7 @@ class ReferenceBank:
         self._write = (self._write + per_class) % self._capacity
         self._counts = torch.clamp(self._counts + per_class, max=self._capacity)
         self._seen += per_class
-        return rejected
+        return kept, flat, per_class
 
     def _check_index_tensor(self, value: Any, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.is_complex() \
