@@ -91,7 +91,7 @@ class Stores:
               max_per_class: Optional[int], thumbnail_size: int, part_source: str,
               num_annotated: int, seed: int, batch_bytes: int = 0) -> "Stores":
         """Size the stores from ``budget_bytes``: mistakes first, then the batches waiting to be
-        stored (:class:`PendingBatches`: 1/32 of the budget, at most 32 MiB, at least one batch
+        stored (:class:`PendingBatches`: 1/16 of the budget, at most 32 MiB, at least one batch
         of ``batch_bytes`` as they wait; held twice over: one set being filled, one being
         stored), the rest to the bank.
 
@@ -106,7 +106,7 @@ class Stores:
         per_mistake = feat + extras + 2 * 8
         per_reference = feat + 3 * 8 + extras
         mistake_bytes = mistakes * per_mistake
-        pending = max(min(_PENDING_MAX_BYTES, budget_bytes // 32), int(batch_bytes))
+        pending = max(min(_PENDING_MAX_BYTES, budget_bytes // 16), int(batch_bytes))
         fixed = mistake_bytes + 2 * pending + extras     # (+ the extras' spare row)
         capacity = (budget_bytes - fixed) // (num_classes * per_reference)
         if capacity < 1:

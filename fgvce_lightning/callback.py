@@ -77,10 +77,11 @@ class CounterfactualMonitor(Callback):
             ``explain_batch_size`` queries); ``None`` = no limit.
         memory_budget_mb: memory for the reference bank and the mistake buffer (on the model's
             device; thumbnails and part labels, on the CPU, are counted too), and for the
-            validation batches waiting to be stored: after the first, batches are stored several
-            at a time (cheaper than one by one), up to 1/32 of the budget (at most 32 MiB; a
-            larger batch is stored alone; up to three such sets exist at once). The per-class
-            bank size follows from it, capped at ``max_references_per_class``.
+            validation batches waiting to be stored: after the first, batches are copied into
+            reusable buffers and stored several at a time (cheaper than one by one), up to 1/16
+            of the budget (at most 32 MiB; a larger batch is stored alone; at most two such
+            buffers exist, kept from epoch to epoch). The per-class bank size follows from it,
+            capped at ``max_references_per_class``.
         max_references_per_class: most references kept per class (``None`` = as many as the budget
             allows). More references cost search time, not only memory.
         bank_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` storage of the feature maps.
@@ -313,6 +314,13 @@ class CounterfactualMonitor(Callback):
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._finish_background()
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        # a background explanation that has finished is logged now, while training goes on,
+        # not at the next validation epoch's start (which would wait for it anyway)
+        if self._job is not None and self._job.done():
+            self._finish_background()
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._remove_hook()

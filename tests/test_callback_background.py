@@ -296,7 +296,7 @@ def test_batches_wait_and_are_stored_together_up_to_the_budget_share(tmp_path, m
     together, _ = _fit(tmp_path / "together", max_epochs=1)       # 4 validation batches of 16
     # the sanity check checked the configuration, so all four wait for the epoch's end
     assert calls == [[0, 1, 2, 3]]
-    assert together._store.pending_bytes == 512 * 2 ** 20 // 32
+    assert together._store.pending_bytes == 512 * 2 ** 20 // 16
     calls.clear()
     monkeypatch.setattr(steps, "_PENDING_MAX_BYTES", 1)          # no batch fits: one at a time
     alone, _ = _fit(tmp_path / "alone", max_epochs=1)

@@ -294,7 +294,7 @@ def test_the_memory_budget_counts_the_batches_waiting_to_be_stored():
     assert _stores(budget=2 ** 30).pending_bytes == 32 * 2 ** 20           # capped
     for budget in (2 ** 13, 2 ** 14, 2 ** 15):
         store = _stores(budget=budget, max_per_class=None)
-        assert store.pending_bytes == budget // 32
+        assert store.pending_bytes == budget // 16
         pending = steps.PendingBatches(store.pending_bytes, store.thumbnail_size)
         for i, (feats, logits, parsed) in enumerate(_batches(60, size=16)):   # fill everything
             if not pending.fits(feats, logits, store.needed(parsed)):
