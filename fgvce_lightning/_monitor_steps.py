@@ -240,6 +240,17 @@ class _Slab:
                                                    like(parsed.masks))
         self.thumbs = like(parsed.images, torch.float16, shape=(3, thumbnail_size, thumbnail_size))
         self.where: list[tuple[int, int, int]] = []    # (dataloader_idx, batch_idx, size)
+        self.row_bytes = self.nbytes // rows
+        self.deferred: list[tuple[int, torch.Tensor]] = []   # (first row, images) not yet cast
+        self.deferred_bytes = 0
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of the filled rows and of the images held until they are cast."""
+        return self.n * self.row_bytes + self.deferred_bytes
+
+    def reset(self) -> None:
+        self.n, self.where, self.deferred, self.deferred_bytes = 0, [], [], 0
 
     @property
     def nbytes(self) -> int:
@@ -303,19 +314,25 @@ class PendingBatches:
         return (sig(feats), sig(logits), sig(parsed.labels), sig(parsed.keypoints),
                 sig(parsed.masks), sig(parsed.images, dtype=False))
 
-    def fits(self, feats: torch.Tensor, logits: torch.Tensor, parsed: ParsedBatch) -> bool:
+    def fits(self, feats: torch.Tensor, logits: torch.Tensor, parsed: ParsedBatch,
+             defer_thumbnails: bool = False) -> bool:
         """Whether the batch can join the waiting ones: the same shapes but the first, dtypes
-        and devices, and room for it (always true when none wait)."""
+        and devices, and room for it (always true when none wait). Images held until their
+        thumbnails are cast (``defer_thumbnails``) take room too."""
         slab = self._slab
         if slab is None or slab.n == 0:
             return True
-        return (slab.key == self._key(feats, logits, parsed)
-                and slab.n + feats.shape[0] <= slab.rows)
+        b = feats.shape[0]
+        held = parsed.images.numel() * parsed.images.element_size() if defer_thumbnails else 0
+        return (slab.key == self._key(feats, logits, parsed) and slab.n + b <= slab.rows
+                and (not held or slab.used_bytes + b * slab.row_bytes + held <= self.max_bytes))
 
     @property
     def full(self) -> bool:
-        """Whether no more rows are free in the set being filled."""
-        return self._slab is not None and self._slab.n >= self._slab.rows
+        """Whether the set being filled has no room left."""
+        slab = self._slab
+        return slab is not None and slab.n > 0 and (
+            slab.n >= slab.rows or (slab.deferred_bytes > 0 and slab.used_bytes >= self.max_bytes))
 
     def _rows_for(self, feats: torch.Tensor, logits: torch.Tensor, parsed: ParsedBatch) -> int:
         per_row = sum(t[:1].numel() * t.element_size() for t in (
@@ -349,8 +366,10 @@ class PendingBatches:
         return self._slot
 
     def push(self, feats: torch.Tensor, logits: torch.Tensor, parsed: ParsedBatch,
-             dataloader_idx: int, batch_idx: int) -> None:
-        """Copy a batch into the next rows (call :meth:`fits` first)."""
+             dataloader_idx: int, batch_idx: int, defer_thumbnails: bool = False) -> None:
+        """Copy a batch into the next rows (call :meth:`fits` first). With ``defer_thumbnails``
+        its images are held, not cast, until :meth:`cast_thumbnails` (on the collection thread,
+        off the validation loop)."""
         key = self._key(feats, logits, parsed)
         slab = self._slab
         if slab is not None and slab.n == 0 and (
@@ -376,7 +395,11 @@ class PendingBatches:
         for name in ("keypoints", "masks"):
             if getattr(slab, name) is not None:
                 getattr(slab, name)[start:end].copy_(getattr(parsed, name))
-        small_images(parsed.images, self.thumbnail_size, out=slab.thumbs[start:end])
+        if defer_thumbnails:
+            slab.deferred.append((start, parsed.images))
+            slab.deferred_bytes += parsed.images.numel() * parsed.images.element_size()
+        else:
+            small_images(parsed.images, self.thumbnail_size, out=slab.thumbs[start:end])
         slab.where.append((int(dataloader_idx), int(batch_idx), end - start))
         slab.n = end
 
@@ -384,7 +407,17 @@ class PendingBatches:
         """Drop the waiting batches (the buffers are kept)."""
         self._slot = None
         if self._slab is not None:
-            self._slab.n, self._slab.where = 0, []
+            self._slab.reset()
+
+    def cast_thumbnails(self, batch: Optional[BatchSet]) -> None:
+        """Cast the images a taken set still holds (``defer_thumbnails``) into its thumbnails."""
+        slab = None if batch is None else batch.slab
+        if slab is None:
+            return
+        for start, images in slab.deferred:
+            small_images(images, self.thumbnail_size,
+                         out=slab.thumbs[start:start + images.shape[0]])
+        slab.deferred, slab.deferred_bytes = [], 0
 
     def take(self) -> Optional[BatchSet]:
         """The waiting batches as one set (views of the buffers: :meth:`release` it once it is
@@ -412,7 +445,7 @@ class PendingBatches:
         slab = None if batch is None else batch.slab
         if slab is None:
             return
-        slab.n, slab.where = 0, []
+        slab.reset()
         if len(self._free) < self._KEEP:
             self._free.append(slab)
 

@@ -470,9 +470,11 @@ class CounterfactualMonitor(Callback):
         with it once the set is full, inline or on the collection thread, in batch order."""
         store.check_shapes(feats, logits, parsed)
         parsed = store.needed(parsed)
-        if not self._pending.fits(feats, logits, parsed):
+        # with a collection thread, the images' thumbnails are cast there, not here
+        defer = self._threaded
+        if not self._pending.fits(feats, logits, parsed, defer):
             self._flush_pending()
-        self._pending.push(feats, logits, parsed, dataloader_idx, batch_idx)
+        self._pending.push(feats, logits, parsed, dataloader_idx, batch_idx, defer)
         if self._pending.full:
             self._flush_pending()
 
@@ -488,6 +490,8 @@ class CounterfactualMonitor(Callback):
 
         def store_them() -> None:
             try:
+                with torch.inference_mode(False), torch.no_grad():
+                    pending.cast_thumbnails(taken)
                 self._store_batch(store, taken)
             finally:
                 pending.release(taken)

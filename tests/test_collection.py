@@ -288,6 +288,34 @@ def test_pending_batches_hold_only_what_the_stores_use_and_refuse_mismatched_bat
         store.check_shapes(feats[:, :2], logits, slim)
 
 
+def test_deferred_thumbnails_are_cast_later_and_their_images_count_against_the_set():
+    from fgvce_lightning import _monitor_steps as steps
+
+    store = _stores()
+    batches = _batches(3)
+    feats, logits, parsed = batches[0]
+    slim = store.needed(parsed)
+    per_row = sum(t[0].numel() * t.element_size() for t in (feats, logits, slim.labels,
+                                                            slim.keypoints)) + 3 * 6 * 6 * 2
+    image_bytes = slim.images.numel() * slim.images.element_size()
+    # room for the rows of 3 batches and more, but for only 2 batches' rows and held images
+    pending = steps.PendingBatches(2 * (7 * per_row + image_bytes), thumbnail_size=6)
+    for i, (f, lg, p) in enumerate(batches[:2]):
+        assert pending.fits(f, lg, store.needed(p), defer_thumbnails=True)
+        pending.push(f, lg, store.needed(p), 0, i, defer_thumbnails=True)
+    assert pending._slab.rows >= 3 * 7                            # (what the check rests on)
+    f, lg, p = batches[2]
+    assert not pending.fits(f, lg, store.needed(p), defer_thumbnails=True)
+    assert pending.fits(f, lg, store.needed(p))                  # cast at once, it would fit
+    assert pending.full
+    taken = pending.take()
+    pending.cast_thumbnails(taken)
+    images = torch.cat([b[2].images for b in batches[:2]])
+    assert torch.equal(taken.thumbs, small_images(images, 6))
+    pending.release(taken)
+    assert pending.take() is None
+
+
 def test_the_memory_budget_counts_the_batches_waiting_to_be_stored():
     from fgvce_lightning import _monitor_steps as steps
 
