@@ -334,10 +334,15 @@ class PendingBatches:
         return slab is not None and slab.n > 0 and (
             slab.n >= slab.rows or (slab.deferred_bytes > 0 and slab.used_bytes >= self.max_bytes))
 
-    def _rows_for(self, feats: torch.Tensor, logits: torch.Tensor, parsed: ParsedBatch) -> int:
+    def _rows_for(self, feats: torch.Tensor, logits: torch.Tensor, parsed: ParsedBatch,
+                  defer_thumbnails: bool) -> int:
+        """Rows of new buffers: as many as ``max_bytes`` holds (with the images held beside
+        them when their thumbnails are cast later), at least the batch."""
         per_row = sum(t[:1].numel() * t.element_size() for t in (
             feats, logits, parsed.labels, parsed.keypoints, parsed.masks) if t is not None)
         per_row += 3 * self.thumbnail_size ** 2 * 2
+        if defer_thumbnails:
+            per_row += parsed.images[:1].numel() * parsed.images.element_size()
         return max(int(feats.shape[0]), self.max_bytes // max(1, per_row))
 
     def _reuse(self, accept: Callable[[_Slab], bool]) -> Optional[_Slab]:
@@ -379,8 +384,8 @@ class PendingBatches:
             need = feats.shape[0]
             slab = self._reuse(lambda s: s.key == key and s.rows >= need)
             if slab is None:
-                slab = _Slab(key, self._rows_for(feats, logits, parsed), feats, logits, parsed,
-                             self.thumbnail_size)
+                slab = _Slab(key, self._rows_for(feats, logits, parsed, defer_thumbnails), feats,
+                             logits, parsed, self.thumbnail_size)
             self._slab = slab
         elif slab.key != key or slab.n + feats.shape[0] > slab.rows:
             raise ValueError("Expected a batch that fits the waiting ones; call `fits` first and "
@@ -424,7 +429,7 @@ class PendingBatches:
         stored); ``None`` when none wait. Empties the queue."""
         slab, self._slab, self._slot = self._slab, None, None
         if slab is None or slab.n == 0:
-            if slab is not None:
+            if slab is not None and len(self._free) < self._KEEP:
                 self._free.append(slab)
             return None
         n = slab.n

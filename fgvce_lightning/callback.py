@@ -798,7 +798,8 @@ class CounterfactualMonitor(Callback):
                   for k, v in self._prototypes.state_dict().items()}
         state = self.__dict__.copy()
         state.update(_store=None, _hook_handle=None, _captured=None, _logit_handles=[],
-                     _captured_logits=None, _hooked=None, _armed=False, _pending=steps.PendingBatches(), _reporters={}, _split=None,
+                     _captured_logits=None, _hooked=None, _armed=False,
+                     _pending=steps.PendingBatches(), _reporters={}, _split=None,
                      _split_owner=None, _locate_tried=False, _job=None, _collector=None, _frozen=None,
                      _proto_lock=None, _prototypes=protos)
         return state

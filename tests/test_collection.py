@@ -298,16 +298,24 @@ def test_deferred_thumbnails_are_cast_later_and_their_images_count_against_the_s
     per_row = sum(t[0].numel() * t.element_size() for t in (feats, logits, slim.labels,
                                                             slim.keypoints)) + 3 * 6 * 6 * 2
     image_bytes = slim.images.numel() * slim.images.element_size()
-    # room for the rows of 3 batches and more, but for only 2 batches' rows and held images
-    pending = steps.PendingBatches(2 * (7 * per_row + image_bytes), thumbnail_size=6)
+    # room for the rows and held images of 2 batches
+    limit = 2 * (7 * per_row + image_bytes)
+    pending = steps.PendingBatches(limit, thumbnail_size=6)
     for i, (f, lg, p) in enumerate(batches[:2]):
         assert pending.fits(f, lg, store.needed(p), defer_thumbnails=True)
         pending.push(f, lg, store.needed(p), 0, i, defer_thumbnails=True)
-    assert pending._slab.rows >= 3 * 7                            # (what the check rests on)
+    assert pending._slab.rows == 14                      # buffers sized with the images beside
     f, lg, p = batches[2]
-    assert not pending.fits(f, lg, store.needed(p), defer_thumbnails=True)
-    assert pending.fits(f, lg, store.needed(p))                  # cast at once, it would fit
-    assert pending.full
+    assert not pending.fits(f, lg, store.needed(p), defer_thumbnails=True) and pending.full
+    # buffers made for cast-at-once batches have rows for more, but the held images fill the set
+    roomy = steps.PendingBatches(limit, thumbnail_size=6)
+    roomy.push(*batches[0][:2], store.needed(batches[0][2]), 0, 0)
+    roomy.release(roomy.take())
+    for i, (f, lg, p) in enumerate(batches[:2]):
+        roomy.push(f, lg, store.needed(p), 0, i, defer_thumbnails=True)
+    assert roomy._slab.rows >= 3 * 7 and roomy.full
+    assert not roomy.fits(*batches[2][:2], store.needed(batches[2][2]), defer_thumbnails=True)
+    assert roomy.fits(*batches[2][:2], store.needed(batches[2][2]))   # cast at once, it fits
     taken = pending.take()
     pending.cast_thumbnails(taken)
     images = torch.cat([b[2].images for b in batches[:2]])
