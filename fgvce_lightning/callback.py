@@ -448,10 +448,12 @@ class CounterfactualMonitor(Callback):
                     else:
                         # the first batch is stored at once, here, so that a configuration
                         # error raises
+                        # (buffers sized as the later batches will use them)
                         self._pending.push(feats, logits, store.needed(parsed), dataloader_idx,
-                                           batch_idx)
+                                           batch_idx, defer_thumbnails=self._threaded)
                         taken = self._pending.take()
                         try:
+                            self._pending.cast_thumbnails(taken)
                             self._store_batch(store, taken)
                         finally:
                             self._pending.release(taken)
