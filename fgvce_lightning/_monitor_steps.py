@@ -154,9 +154,14 @@ class Stores:
 
     def needed(self, parsed: ParsedBatch) -> ParsedBatch:
         """The parts of a batch the stores use (the other annotation is not held while waiting)."""
+        return self.needed_for(parsed, self.part_source)
+
+    @staticmethod
+    def needed_for(parsed: ParsedBatch, part_source: str) -> ParsedBatch:
+        """:meth:`needed` for stores whose part labels come from ``part_source``."""
         return ParsedBatch(parsed.images, parsed.labels,
-                           parsed.keypoints if self.part_source == "keypoints" else None,
-                           parsed.masks if self.part_source == "masks" else None)
+                           parsed.keypoints if part_source == "keypoints" else None,
+                           parsed.masks if part_source == "masks" else None)
 
     def check(self, feats: torch.Tensor, logits: torch.Tensor, parsed: ParsedBatch | BatchSet) -> None:
         """Raise if a batch does not match the stores (feature shape, classes, labels)."""
@@ -178,8 +183,8 @@ class Stores:
         """Correct samples go to the bank, mistakes to the reservoir, with thumbnails and parts.
 
         Runs on every set of validation batches (:class:`PendingBatches`): the references are
-        copied straight from the set into the bank and the extras (``rows=``, no gather first),
-        and the mistakes' maps, labels and thumbnails are gathered only for the rows the
+        placed once and copied straight from the set into the bank and the extras (no gather
+        first), and the mistakes' maps, labels and thumbnails are gathered only for the rows the
         reservoir keeps (index lists, not boolean masks).
         """
         feats, thumbs = batch.feats, batch.thumbs.cpu()
@@ -334,15 +339,23 @@ class PendingBatches:
         return slab is not None and slab.n > 0 and (
             slab.n >= slab.rows or (slab.deferred_bytes > 0 and slab.used_bytes >= self.max_bytes))
 
+    @staticmethod
+    def row_bytes(feats: torch.Tensor, logits: torch.Tensor, parsed: ParsedBatch,
+                  thumbnail_size: int, defer_thumbnails: bool = False) -> int:
+        """Bytes one sample of the batch takes while it waits: its row of the buffers, and its
+        image when that is held until the thumbnails are cast (``defer_thumbnails``)."""
+        per_row = sum(t[:1].numel() * t.element_size() for t in (
+            feats, logits, parsed.labels, parsed.keypoints, parsed.masks) if t is not None)
+        per_row += 3 * thumbnail_size ** 2 * 2
+        if defer_thumbnails:
+            per_row += parsed.images[:1].numel() * parsed.images.element_size()
+        return per_row
+
     def _rows_for(self, feats: torch.Tensor, logits: torch.Tensor, parsed: ParsedBatch,
                   defer_thumbnails: bool) -> int:
         """Rows of new buffers: as many as ``max_bytes`` holds (with the images held beside
         them when their thumbnails are cast later), at least the batch."""
-        per_row = sum(t[:1].numel() * t.element_size() for t in (
-            feats, logits, parsed.labels, parsed.keypoints, parsed.masks) if t is not None)
-        per_row += 3 * self.thumbnail_size ** 2 * 2
-        if defer_thumbnails:
-            per_row += parsed.images[:1].numel() * parsed.images.element_size()
+        per_row = self.row_bytes(feats, logits, parsed, self.thumbnail_size, defer_thumbnails)
         return max(int(feats.shape[0]), self.max_bytes // max(1, per_row))
 
     def _reuse(self, accept: Callable[[_Slab], bool]) -> Optional[_Slab]:

@@ -651,10 +651,10 @@ class CounterfactualMonitor(Callback):
                                  f"{num_annotated} parts), but got {len(self.part_names)}.")
         per_rank = math.ceil(self.max_samples / max(1, trainer.world_size))
         thumb = min(self.thumbnail_size, max(parsed.images.shape[-2:]))   # never enlarged
-        kept = (feats, logits, parsed.labels, getattr(parsed, source, None)
-                if source in ("keypoints", "masks") else None)
-        batch_bytes = sum(t.numel() * t.element_size() for t in kept if t is not None) + (
-            feats.shape[0] * 3 * thumb ** 2 * 2)                     # as a batch waits to be stored
+        # what the batch takes as it waits to be stored
+        batch_bytes = feats.shape[0] * steps.PendingBatches.row_bytes(
+            feats, logits, steps.Stores.needed_for(parsed, source), thumb,
+            defer_thumbnails=self._threaded)
         return steps.Stores.build(
             num_classes=num_classes, feature_shape=tuple(feats.shape[1:]),
             input_size=tuple(parsed.images.shape[-2:]), device=pl_module.device,
