@@ -202,10 +202,17 @@ class Stores:
             # extras go where the bank placed the maps. Both copy the kept rows straight from the
             # set, without gathering them first.
             device = self.bank.device
+            # The bank is emptied at every validation epoch's start and keeps the first
+            # references of each class it is given (`replace=False`): the model does not change
+            # during the epoch, so the first are as good as the last, and once a class is full
+            # its later correct samples cost no copy (on the demo, about 870 correct samples an
+            # epoch for 8 x 64 places).
             kept, slots, per_class = self.bank._insert(
-                cast, labels.to(device).long(), ids.to(device).long(), right.to(device))
-            extra = {"thumb": thumbs} if parts is None else {"thumb": thumbs, "parts": parts}
-            self.extras.put(kept, slots, per_class, ids, **extra)
+                cast, labels.to(device).long(), ids.to(device).long(), right.to(device),
+                replace=False)
+            if kept.numel():
+                extra = {"thumb": thumbs} if parts is None else {"thumb": thumbs, "parts": parts}
+                self.extras.put(kept, slots, per_class, ids, **extra)
         wrong_idx = wrong_cpu.nonzero().squeeze(1)
         if wrong_idx.numel():
             def kept(values: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

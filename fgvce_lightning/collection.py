@@ -266,9 +266,9 @@ class MistakeBuffer:
 class ReferenceExtras:
     """Per-class ring buffers of per-sample extras (thumbnails, annotations) keyed by sample id.
 
-    It mirrors the :class:`~fgvce_lightning.engine.bank.ReferenceBank` (same capacity per class,
-    same most-recent-first policy) so the extras of any reference the search used can be found
-    by id.
+    It mirrors the :class:`~fgvce_lightning.engine.bank.ReferenceBank` (same capacity per class;
+    :meth:`put` writes where the bank placed the maps, :meth:`add` places like the bank's ring
+    buffers) so the extras of any reference the search used can be found by id.
 
     Args:
         num_classes: number of classes.

@@ -247,6 +247,39 @@ def test_batches_stored_together_leave_the_stores_exactly_as_one_by_one():
         assert torch.equal(thumb, small_images(image, 6)[0])
 
 
+
+def test_stores_keep_the_first_references_of_each_class_in_an_epoch_with_their_extras():
+    from fgvce_lightning import _monitor_steps as steps
+
+    batches = _batches(6)
+    store = _stores(max_per_class=2)
+    for epoch in range(2):
+        store.reset(reseed=epoch)
+        pending = steps.PendingBatches(2 ** 20, store.thumbnail_size)
+        for i, (feats, logits, parsed) in enumerate(batches[epoch:]):     # another order
+            pending.push(feats, logits, store.needed(parsed), 0, i)
+            if i % 2:
+                taken = pending.take()
+                _store_all(store, taken)
+                pending.release(taken)
+        rest = pending.take()
+        if rest is not None:
+            _store_all(store, rest)
+        correct = [(i, j, int(p.labels[j])) for i, (_, lg, p) in enumerate(batches[epoch:])
+                   for j in range(lg.shape[0]) if int(lg[j].argmax()) == int(p.labels[j])]
+        for c in range(3):
+            first = [(0, i, j) for i, j, label in correct if label == c][:2]
+            assert len(first) == 2                        # (more than two were correct)
+            _, ids = store.bank.get(c)
+            assert [tuple(k) for k in ids.tolist()] == first
+            assert store.bank.seen()[c] == sum(1 for *_, label in correct if label == c)
+            for key in first:                             # their thumbnails and part labels
+                parsed = batches[epoch:][key[1]][2]
+                image = parsed.images[key[2]:key[2] + 1]
+                assert torch.equal(store.extras.lookup_id("thumb", key), small_images(image, 6)[0])
+                assert torch.equal(store.extras.lookup_id("parts", key),
+                                   store.cell_parts(store.needed(parsed))[key[2]])
+
 def test_pending_batches_hold_only_what_the_stores_use_and_refuse_mismatched_batches():
     from fgvce_lightning import _monitor_steps as steps
 

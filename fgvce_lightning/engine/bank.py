@@ -2,7 +2,8 @@
 
 The counterfactual search draws its reference cells from feature maps of the true class that the
 model classified correctly. :class:`ReferenceBank` keeps the most recent ``capacity_per_class`` of
-them for every class in one preallocated tensor, so its memory is known up front and never grows.
+them for every class (or the first ones, ``add(replace=False)``) in one preallocated tensor, so its
+memory is known up front and never grows.
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ def _check_feature_shape(feature_shape: Any) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+def class_ranks(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_class`` ``(num_classes,)`` counts of ``labels (B,)`` and every sample's ``rank``
+    ``(B,)`` among the samples of its class (0 for the first, in batch order)."""
+    per_class = torch.bincount(labels, minlength=num_classes)
+    order = torch.argsort(labels, stable=True)
+    starts = torch.cumsum(per_class, 0) - per_class
+    rank = torch.empty_like(labels)
+    rank[order] = torch.arange(labels.numel(), device=labels.device) - starts[labels[order]]
+    return per_class, rank
+
+
 def ring_slots(labels: torch.Tensor, write: torch.Tensor, capacity: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where a batch goes in per-class ring buffers, as if its samples were added one by one.
@@ -49,11 +61,7 @@ def ring_slots(labels: torch.Tensor, write: torch.Tensor, capacity: int
         ``keep`` ``(B,)`` bool (the samples that survive), ``slots`` (one per kept sample) and
         ``per_class`` ``(num_classes,)`` counts of the batch (advance ``write`` by them).
     """
-    per_class = torch.bincount(labels, minlength=write.numel())
-    order = torch.argsort(labels, stable=True)
-    starts = torch.cumsum(per_class, 0) - per_class
-    rank = torch.empty_like(labels)
-    rank[order] = torch.arange(labels.numel(), device=labels.device) - starts[labels[order]]
+    per_class, rank = class_ranks(labels, write.numel())
     keep = rank >= per_class[labels] - capacity
     slots = (write[labels[keep]] + rank[keep]) % capacity
     return keep, slots, per_class
@@ -142,7 +150,8 @@ class ReferenceBank:
         return self._counts.clone()
 
     def seen(self) -> torch.Tensor:
-        """Number of maps ever added per class (overwritten ones included), ``(num_classes,)``."""
+        """Number of maps ever offered per class (overwritten ones, and those left out by
+        ``add(replace=False)``, included), ``(num_classes,)``."""
         return self._seen.clone()
 
     def __len__(self) -> int:
@@ -155,11 +164,13 @@ class ReferenceBank:
 
     # ------------------------------------------------------------------ writing
     def add(self, features: torch.Tensor, labels: torch.Tensor,
-            ids: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None) -> int:
+            ids: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None,
+            replace: bool = True) -> int:
         """Add a batch of feature maps to their classes' ring buffers.
 
         Non-finite feature maps (NaN/inf, also after the cast to the bank's dtype) are not added.
-        When a batch holds more maps of one class than the capacity, the last ones are kept.
+        When a batch holds more maps of one class than the capacity, the last ones are kept
+        (with ``replace=False``: the first ones that fit).
 
         Args:
             features: ``(B, C, H, W)`` feature maps (any device and float dtype).
@@ -168,6 +179,10 @@ class ReferenceBank:
             rows: optional increasing indices of the samples of the batch to add (the others
                 are left out): the same as adding ``features[rows]`` etc., but the maps are
                 copied straight from ``features`` when most of the batch is added.
+            replace: once a class holds ``capacity_per_class`` maps, a new one replaces its
+                oldest (``True``) or is left out (``False``: the bank keeps the first maps it was
+                given, e.g. of a validation epoch, whose model does not change, and those left
+                out cost no copy).
 
         Returns:
             The number of feature maps rejected because they were not finite.
@@ -218,15 +233,24 @@ class ReferenceBank:
             chosen = chosen[ok]
         if chosen.numel() == 0:
             return rejected
-        self._insert(feats, labels, ids, chosen)
+        self._insert(feats, labels, ids, chosen, replace=replace)
         return rejected
 
     def _insert(self, feats: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor,
-                chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                chosen: torch.Tensor, replace: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Write the rows ``chosen`` of a batch that :meth:`add` checked (or its caller did:
         finite maps in the bank's dtype and device, labels in range, int64 ids and increasing
         ``chosen`` on the bank's device). Returns where they went: the batch rows kept, their flat
-        slots ``class * capacity + slot`` and the count offered per class."""
+        slots ``class * capacity + slot`` and the count written per class (advancing the ring
+        positions: with ``replace=False`` the rows left out are not counted)."""
+        if not replace:
+            offered, rank = class_ranks(labels[chosen], self._num_classes)
+            room = self._capacity - self._counts
+            chosen = chosen[rank < room[labels[chosen]]]
+            if chosen.numel() == 0:                  # every class offered is full
+                self._seen += offered
+                return chosen, chosen.clone(), torch.zeros_like(self._counts)
         keep, slots, per_class = ring_slots(labels[chosen], self._write, self._capacity)
         kept = chosen[keep]
         flat = labels[kept] * self._capacity + slots
@@ -234,7 +258,7 @@ class ReferenceBank:
         self._ids.view(-1, self._id_width)[flat] = ids[kept]
         self._write = (self._write + per_class) % self._capacity
         self._counts = torch.clamp(self._counts + per_class, max=self._capacity)
-        self._seen += per_class
+        self._seen += per_class if replace else offered
         return kept, flat, per_class
 
     def _check_index_tensor(self, value: Any, name: str, shape: tuple[int, ...]) -> torch.Tensor:

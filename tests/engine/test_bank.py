@@ -58,6 +58,37 @@ def test_batched_add_matches_sequential_with_many_samples_of_one_class():
     assert batched.counts().tolist() == [3, 2, 2]
 
 
+
+def test_without_replacing_a_full_class_keeps_its_first_maps_batched_or_one_by_one():
+    labels = torch.tensor([0, 1, 0, 0, 2, 0, 0, 1, 0, 0, 2])
+    values = list(range(100, 100 + labels.numel()))
+    batched, sequential = ReferenceBank(3, 3, SHAPE), ReferenceBank(3, 3, SHAPE)
+    for bank in (batched, sequential):
+        bank.add(_maps([7]), torch.tensor([0]), _ids([7]), replace=False)   # one place taken
+    batched.add(_maps(values), labels, _ids(values), replace=False)
+    for v, lab in zip(values, labels.tolist()):
+        sequential.add(_maps([v]), torch.tensor([lab]), _ids([v]), replace=False)
+    for cls in range(3):
+        fb, ib = batched.get(cls)
+        fs, is_ = sequential.get(cls)
+        assert torch.equal(fb, fs) and torch.equal(ib, is_)
+    # class 0 had room for two of its seven: the first two, after the earlier one
+    assert batched.get(0)[1][:, 0].tolist() == [7, 100, 102]
+    assert batched.get(0)[0][:, 0, 0, 0].tolist() == [7, 100, 102]
+    assert batched.get(1)[1][:, 0].tolist() == [101, 107]
+    assert batched.counts().tolist() == [3, 2, 2]
+    assert batched.seen().tolist() == [8, 2, 2]           # the ones left out were offered
+    # a full class takes nothing more; the others still fill up
+    batched.add(_maps([1, 2, 3]), torch.tensor([0, 1, 1]), _ids([1, 2, 3]), replace=False)
+    assert batched.get(0)[1][:, 0].tolist() == [7, 100, 102]
+    assert batched.get(1)[1][:, 0].tolist() == [101, 107, 2]
+    # a map that is not finite takes no place
+    batched.add(_maps([float("nan"), 5]), torch.tensor([2, 2]), _ids([4, 5]), replace=False)
+    assert batched.get(2)[1][:, 0].tolist() == [104, 110, 5]
+    batched.reset()                                       # a new epoch fills up again
+    batched.add(_maps([9]), torch.tensor([0]), _ids([9]), replace=False)
+    assert batched.get(0)[1][:, 0].tolist() == [9]
+
 def test_memory_is_fixed():
     bank = ReferenceBank(5, 4, SHAPE, dtype=torch.float16)
     before = bank.memory_bytes
