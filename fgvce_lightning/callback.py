@@ -480,30 +480,35 @@ class CounterfactualMonitor(Callback):
         if self._pending.full:
             self._flush_pending()
 
+    def _take_pending(self) -> Optional["steps.BatchSet"]:
+        """The waiting batches as one set (views of the buffers: no copy), or ``None``."""
+        if not len(self._pending) or self._store is None:
+            self._pending.clear()
+            return None
+        with torch.inference_mode(False), torch.no_grad():
+            return self._pending.take()
+
+    def _store_taken(self, taken: "steps.BatchSet") -> None:
+        """Store a taken set and give its buffers back (a failure propagates to the caller)."""
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                self._pending.cast_thumbnails(taken)
+            self._store_batch(self._store, taken)
+        finally:
+            self._pending.release(taken)
+
     def _flush_pending(self) -> None:
         """Store the waiting batches: on the collection thread when this epoch uses it, else
         here (a failure propagates to the caller)."""
-        if not len(self._pending) or self._store is None:
-            self._pending.clear()
+        taken = self._take_pending()
+        if taken is None:
             return
-        pending, store = self._pending, self._store
-        with torch.inference_mode(False), torch.no_grad():
-            taken = pending.take()           # (views of its buffers: no copy)
-
-        def store_them() -> None:
-            try:
-                with torch.inference_mode(False), torch.no_grad():
-                    pending.cast_thumbnails(taken)
-                self._store_batch(store, taken)
-            finally:
-                pending.release(taken)
-
         if self._threaded:
             # the bookkeeping runs on the collection thread, in batch order, while the
             # validation loop goes on
-            self._collection_worker().submit(store_them)
+            self._collection_worker().submit(lambda: self._store_taken(taken))
         else:
-            store_them()
+            self._store_taken(taken)
 
     def _collection_worker(self) -> SerialWorker:
         if self._collector is None:
@@ -668,23 +673,35 @@ class CounterfactualMonitor(Callback):
         """Explain the kept mistakes, gather (DDP), compute statistics, log and report (rank 0);
         on a background thread when :meth:`_frozen_for` gives a frozen copy of the model."""
         self._remove_hook()
+        held = None
         if self._active:
             try:
-                self._flush_pending()      # (it leaves inference mode itself)
+                if self._background_wanted(trainer):
+                    # the last waiting batches are stored by the background explanation, before
+                    # it starts, not here on the validation loop
+                    held = self._take_pending()
+                else:
+                    self._flush_pending()  # (it leaves inference mode itself)
             except Exception as err:  # noqa: BLE001 - counted like any failed collection
                 self._stop_collecting([err])
         self._pending.clear()
         self._active = False
-        self._drain_collection()           # every batch of the epoch is in the stores
+        failures = len(self._collect_failures)
+        self._drain_collection()           # every batch of the epoch but `held` is in the stores
+        if held is not None and len(self._collect_failures) > failures:
+            self._pending.release(held)    # collection failed on the thread: stop there
+            held = None
         if not self._should_explain(trainer) or self._split is None:
-            return
+            return                         # (`held` is only taken for an epoch to explain)
         run = steps.RunInfo.of(trainer)
-        frozen = self._frozen_for(trainer, pl_module)
+        frozen = self._frozen_for(trainer, pl_module, held)
         if frozen is not None:
-            self._job = BackgroundJob(lambda: self._explain_background(run, frozen),
+            self._job = BackgroundJob(lambda: self._explain_background(run, frozen, held),
                                       device=self._store.bank.device if self._store else None)
             self._job_run = run
             return
+        if held is not None:
+            self._store_held(held)
         with torch.inference_mode(False):
             local = steps.search_local(self, run, pl_module, self._split.head)
             steps.sync_prototypes(self, run, local.failures)           # collective 1 (DDP)
@@ -704,9 +721,11 @@ class CounterfactualMonitor(Callback):
         self.total_failures += len(result.failures)
 
     # ------------------------------------------------------------------ background explanation
-    def _frozen_for(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Optional[FrozenModel]:
+    def _frozen_for(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                    held: Optional["steps.BatchSet"] = None) -> Optional[FrozenModel]:
         """The frozen copy of the model to explain against in the background (weights refreshed
-        from the live model), or ``None`` to explain synchronously."""
+        from the live model), or ``None`` to explain synchronously (as when nothing is to be
+        explained: no mistake kept, and no waiting batches ``held`` for the background)."""
         if self.background is False or trainer.state.fn != TrainerFn.FITTING:
             return None
         if int(getattr(trainer, "world_size", 1) or 1) > 1:
@@ -716,14 +735,15 @@ class CounterfactualMonitor(Callback):
                               "runs synchronously (its collectives must stay on the training "
                               "thread).", RuntimeWarning, stacklevel=3)
             return None
-        if self._frozen_error is not None or self._store is None or self._store.mistakes.size == 0:
+        if self._frozen_error is not None or self._store is None or (
+                self._store.mistakes.size == 0 and held is None):
             return None
         if self._frozen is not None and self._frozen.refresh():
             return self._frozen
         try:
             with preserved_rng_state([pl_module.device]):   # splitting may run a probe forward
                 frozen = FrozenModel(pl_module, self.split_options, self._split)
-            self._check_frozen(frozen, pl_module)
+            self._check_frozen(frozen, pl_module, held)
         except Exception as err:  # noqa: BLE001 - fall back to the synchronous path, say why once
             self._frozen_error = f"{type(err).__name__}: {err}"
             self._frozen = None
@@ -737,9 +757,14 @@ class CounterfactualMonitor(Callback):
         self._frozen = frozen
         return frozen
 
-    def _check_frozen(self, frozen: FrozenModel, pl_module: "pl.LightningModule") -> None:
-        """Raise unless the copy's head gives the live head's logits on two kept mistakes."""
-        feats = self._store.mistakes.get("features")[:2].to(self._store.feature_dtype)
+    def _check_frozen(self, frozen: FrozenModel, pl_module: "pl.LightningModule",
+                      held: Optional["steps.BatchSet"] = None) -> None:
+        """Raise unless the copy's head gives the live head's logits on two kept mistakes (or
+        two waiting samples ``held``, when none is kept yet)."""
+        if self._store.mistakes.size:
+            feats = self._store.mistakes.get("features")[:2].to(self._store.feature_dtype)
+        else:
+            feats = held.feats[:2]
         with torch.inference_mode(False), torch.no_grad(), preserved_rng_state([feats.device]), \
                 preserved_training_flags(pl_module):
             live = self._split.head(feats)
@@ -748,12 +773,37 @@ class CounterfactualMonitor(Callback):
                 and torch.allclose(mine.float(), live.float(), rtol=1e-4, atol=1e-5)):
             raise ValueError("the copied model's head does not reproduce the live head's logits")
 
-    def _explain_background(self, run: "steps.RunInfo", frozen: FrozenModel
+    def _store_held(self, held: "steps.BatchSet") -> None:
+        """Store the epoch's last set here, on the training thread; a failure is counted."""
+        try:
+            self._store_taken(held)
+        except Exception as err:  # noqa: BLE001 - counted like any failed collection
+            self._stop_collecting([err])
+
+    def _background_wanted(self, trainer: "pl.Trainer") -> bool:
+        """Whether this epoch is to be explained in the background (:meth:`_frozen_for` may still
+        fall back to the synchronous path)."""
+        return (self.background is not False and trainer.state.fn == TrainerFn.FITTING
+                and int(getattr(trainer, "world_size", 1) or 1) == 1
+                and self._frozen_error is None and self._split is not None
+                and self._should_explain(trainer))
+
+    def _explain_background(self, run: "steps.RunInfo", frozen: FrozenModel,
+                            held: Optional["steps.BatchSet"] = None
                             ) -> tuple[EpochResult, Optional[os.PathLike], float]:
-        """One epoch's explanation on the background thread (single process). Never touches the
-        live model, the global RNG or the loggers' scalar paths; never raises."""
+        """One epoch's explanation on the background thread (single process), after storing the
+        epoch's last waiting batches (``held``). Never touches the live model, the global RNG
+        or the loggers' scalar paths; never raises."""
         start = time.perf_counter()
         with global_rng_left_alone():
+            if held is not None:
+                try:
+                    self._store_taken(held)
+                except Exception as err:  # noqa: BLE001 - counted in the report like any other
+                    message = f"collection failed: {type(err).__name__}: {err}"
+                    warnings.warn(f"CounterfactualMonitor: {message}; the epoch's last batches "
+                                  "are left out.", RuntimeWarning, stacklevel=2)
+                    self._collect_failures.append(message)
             local = steps.search_local(self, run, frozen.module, frozen.split.head)
             with self._proto_lock:
                 steps.sync_prototypes(self, run, local.failures)

@@ -177,8 +177,12 @@ def test_short_gil_turns_is_shared_across_threads_and_respects_the_users_setting
 
 
 def test_job_that_escapes_with_an_exception_is_counted_not_raised(tmp_path, monkeypatch):
-    def boom(self, run, frozen):
-        raise RuntimeError("worker died")
+    explain = CounterfactualMonitor._explain_background
+
+    def boom(self, run, frozen, held=None):
+        if run.current_epoch == 0:
+            raise RuntimeError("worker died")
+        return explain(self, run, frozen, held)
     monkeypatch.setattr(CounterfactualMonitor, "_explain_background", boom)
     with pytest.warns(RuntimeWarning, match="worker died"):
         monitor, _ = _fit(tmp_path)
@@ -238,12 +242,14 @@ def test_serial_worker_runs_in_order_bounds_the_queue_and_records_errors():
     assert len(worker.errors) == 1 and isinstance(worker.errors[0], ZeroDivisionError)
 
 
-@pytest.mark.parametrize("threaded", [True, False])
-def test_failure_while_storing_batches_is_counted_and_the_run_goes_on(tmp_path, monkeypatch,
-                                                                       threaded):
-    # the batches after the first wait and are stored together at the epoch's end: on the
-    # collection thread, or inline in the monitor's epoch end
-    monkeypatch.setattr(_background, "spare_cpu", lambda: threaded)
+@pytest.mark.parametrize("where", ["collection thread", "inline", "background job"])
+def test_failure_while_storing_batches_is_counted_and_the_run_goes_on(tmp_path, monkeypatch, where):
+    # after the first, batches wait and are stored together: on the collection thread as each
+    # set fills (here: one batch per set), inline at the epoch's end (synchronous explanation),
+    # or, the epoch's last set, by the background explanation before it starts
+    monkeypatch.setattr(_background, "spare_cpu", lambda: where == "collection thread")
+    if where == "collection thread":
+        monkeypatch.setattr(steps, "_PENDING_MAX_BYTES", 1)
     L.seed_everything(7)
     train, val = loaders()                         # 4 validation batches
     calls = []
@@ -253,27 +259,53 @@ def test_failure_while_storing_batches_is_counted_and_the_run_goes_on(tmp_path, 
         return batch[0], batch[1] + (99 if len(calls) == 3 else 0)
 
     monitor = CounterfactualMonitor(max_samples=6, log_images=0, report_html=False,
-                                    report_dir=tmp_path / "r", batch_parser=parser)
+                                    report_dir=tmp_path / "r", batch_parser=parser,
+                                    background=where != "inline")
     trainer = L.Trainer(max_epochs=2, callbacks=[monitor], default_root_dir=tmp_path,
                         **{**FAST, "num_sanity_val_steps": 0})
     with pytest.warns(RuntimeWarning, match=r"collection failed: ValueError: Expected labels in \[0, 4\)"):
         trainer.fit(TinyClassifier(), train, val)
-    assert (monitor._collector is not None) == threaded
+    assert (monitor._collector is not None) == (where == "collection thread")
+    assert (monitor.last_background_s is not None) == (where != "inline")
     assert trainer.current_epoch == 2 and monitor.num_explained_epochs == 2
     first, second = monitor.summaries
     assert first["failures"] == 1 and second["failures"] == 0
-    assert first["num_misclassified"] <= 32        # batches 3 and 4 were not collected
     assert monitor.total_failures == 1
     report = json.loads((tmp_path / "r" / "epoch_000" / "report.json").read_text())
     assert any("Expected labels" in f for f in report["failures"])
-    # batches 1-3 waited together, so the failure of batch 2 lost them all
-    assert report["samples"] and {s["batch_idx"] for s in report["samples"]} == {0}
+    # batches 1-3 waited together, so the failure of batch 2 lost them all; one at a time,
+    # batch 1 was stored before it and batch 3 not collected after it
+    stored = {0, 1} if where == "collection thread" else {0}
+    assert report["samples"] and {s["batch_idx"] for s in report["samples"]} <= stored
+    assert first["num_misclassified"] <= 16 * len(stored)
     bank = monitor._store.bank                     # epoch 1 kept references from every batch
     kept = torch.cat([bank.get(c)[1] for c in range(bank.num_classes)])
     assert set(kept[:, 1].tolist()) == {0, 1, 2, 3}
 
 
+def test_the_epochs_last_batches_are_stored_by_the_background_explanation(tmp_path, monkeypatch):
+    monkeypatch.setattr(_background, "spare_cpu", lambda: False)
+    calls = []
+    add = steps.Stores.add
+
+    def recording(self, batch, pred, wrong):
+        calls.append((threading.current_thread() is threading.main_thread(),
+                      sorted(set(batch.ids[:, 1].tolist()))))
+        return add(self, batch, pred, wrong)
+
+    monkeypatch.setattr(steps.Stores, "add", recording)
+    monitor, _ = _fit(tmp_path, max_epochs=2)        # 4 validation batches of 16
+    # (the sanity check checked the configuration) every epoch's four batches wait together
+    # and are stored on the background thread, none on the training thread
+    assert calls == [(False, [0, 1, 2, 3]), (False, [0, 1, 2, 3])]
+    assert monitor.num_explained_epochs == 2 and monitor.last_background_s is not None
+    assert len(monitor._pending._free) == 1        # the buffers came back for reuse
+
+
 def test_batches_are_stored_inline_when_torch_uses_every_core(tmp_path, monkeypatch):
+    # one batch per set, so that sets are stored during the epoch (the last one is stored by
+    # the background explanation)
+    monkeypatch.setattr(steps, "_PENDING_MAX_BYTES", 1)
     monkeypatch.setattr(_background, "spare_cpu", lambda: False)
     inline, _ = _fit(tmp_path / "inline", max_epochs=1)
     monkeypatch.setattr(_background, "spare_cpu", lambda: True)
