@@ -83,6 +83,7 @@ class Stores:
     num_annotated: int
     thumbnail_size: int
     pending_bytes: int = 0     # batches are stored together until they hold this much
+    spare_bytes: int = 0       # of the budget, left over by the bank and the two sets' buffers
 
     @classmethod
     def build(cls, *, num_classes: int, feature_shape: tuple[int, int, int],
@@ -119,13 +120,14 @@ class Stores:
                 "`thumbnail_size`, or split the model where the feature maps are smaller.")
         if max_per_class is not None:
             capacity = min(capacity, max_per_class)
+        spare = budget_bytes - fixed - capacity * num_classes * per_reference
         return cls(bank=ReferenceBank(num_classes, int(capacity), tuple(feature_shape), device=device,
                                       dtype=dtype),
                    extras=ReferenceExtras(num_classes, int(capacity)),
                    mistakes=MistakeBuffer(mistakes, seed=seed), input_size=tuple(input_size),
                    feature_dtype=feature_dtype, part_source=part_source,
                    num_annotated=num_annotated, thumbnail_size=thumbnail_size,
-                   pending_bytes=int(pending))
+                   pending_bytes=int(pending), spare_bytes=int(spare))
 
     def reset(self, reseed: int = 0) -> None:
         """Start a new epoch: empty the bank, the extras and the reservoir (memory kept)."""
@@ -286,18 +288,20 @@ class PendingBatches:
 
     A set holds at most ``max_bytes`` (at least one batch). :meth:`take` hands the filled rows
     out as a :class:`BatchSet` of views; :meth:`release` gives its buffers back once it is
-    stored. At most two sets' buffers are kept for reuse: one being filled, one being stored.
+    stored. At most :attr:`keep` sets' buffers are kept for reuse: two (one being filled, one
+    being stored), more while the monitor holds sets for the background explanation.
 
     Args:
         max_bytes: most bytes of one set (``0``: every batch is a set of its own).
         thumbnail_size: side of the thumbnails.
     """
 
-    _KEEP = 2      # buffers kept for reuse
+    _KEEP = 2      # buffers kept for reuse (at least)
 
     def __init__(self, max_bytes: int = 0, thumbnail_size: int = 64) -> None:
         self.max_bytes = int(max_bytes)
         self.thumbnail_size = int(thumbnail_size)
+        self.keep = self._KEEP        # buffers kept for reuse (more while sets are held)
         self._slab: Optional[_Slab] = None        # being filled
         self._free: list[_Slab] = []              # stored, ready for reuse
         self._slot: Optional[torch.Tensor] = None  # rows handed to the hook for the next batch
@@ -449,7 +453,7 @@ class PendingBatches:
         stored); ``None`` when none wait. Empties the queue."""
         slab, self._slab, self._slot = self._slab, None, None
         if slab is None or slab.n == 0:
-            if slab is not None and len(self._free) < self._KEEP:
+            if slab is not None and len(self._free) < self.keep:
                 self._free.append(slab)
             return None
         n = slab.n
@@ -471,7 +475,7 @@ class PendingBatches:
         if slab is None:
             return
         slab.reset()
-        if len(self._free) < self._KEEP:
+        if len(self._free) < self.keep:
             self._free.append(slab)
 
 

@@ -2,7 +2,8 @@
 
 During validation a forward hook on the split point captures the feature maps that the user's own
 ``validation_step`` computes (no second forward pass); logits come from the head. Correctly
-classified samples fill a per-class reference bank, mistakes a reservoir sample. At the end of
+classified samples fill a per-class reference bank (emptied at every validation epoch's start:
+the first ones of each class in the epoch are kept), mistakes a reservoir sample. At the end of
 every ``every_n_epochs``-th validation epoch the monitor explains up to ``max_samples`` mistakes
 with the counterfactual search, labels the edited cells with parts, aggregates per-part error
 statistics, logs them and writes an epoch report. While fitting on one process this runs on a
@@ -83,7 +84,9 @@ class CounterfactualMonitor(Callback):
             buffers exist, kept from epoch to epoch). The per-class bank size follows from it,
             capped at ``max_references_per_class``.
         max_references_per_class: most references kept per class (``None`` = as many as the budget
-            allows). More references cost search time, not only memory.
+            allows): the first correctly classified samples of each class in the validation
+            epoch (the model does not change during it; later ones are not copied at all). More
+            references cost search time, not only memory.
         bank_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` storage of the feature maps.
         thumbnail_size: side in pixels of the thumbnail kept for every kept image (in float16,
             6 bytes a pixel; made ``uint8`` when drawn); smaller images are kept at their own
@@ -237,6 +240,10 @@ class CounterfactualMonitor(Callback):
         self._collector: Optional[SerialWorker] = None    # the collection thread (started lazily)
         self._pending = steps.PendingBatches()   # batches waiting to be stored together
         self._threaded = False         # this epoch's batches are stored on the collection thread
+        # sets of waiting batches held, in order, for the background explanation to store
+        # (`_hold`: this epoch, while the memory budget has room for them)
+        self._held: list[steps.BatchSet] = []
+        self._hold = False
         self._job_run: Optional[steps.RunInfo] = None
         self.last_background_s: Optional[float] = None   # wall time of the last background epoch
         self._frozen: Optional[FrozenModel] = None
@@ -326,6 +333,7 @@ class CounterfactualMonitor(Callback):
         self._remove_hook()
         self._active = False
         self._pending.clear()              # (a validation epoch that ended has stored them)
+        self._release_held()
         self._drain_collection()
         self._finish_background()
 
@@ -334,6 +342,7 @@ class CounterfactualMonitor(Callback):
         self._remove_hook()
         self._active = False
         self._pending.clear()
+        self._release_held()
         # the run is failing: give the threads a little time, then leave them behind
         self._drain_collection(timeout=30.0)
         self._finish_background(timeout=30.0)
@@ -355,6 +364,10 @@ class CounterfactualMonitor(Callback):
         # benchmarks/bench_callback.py: on a CPU it slows the forward when they do)
         self._threaded = self.background is not False and (
             pl_module.device.type != "cpu" or _background.spare_cpu())
+        # without a collection thread, while fitting with the background explanation, the full
+        # sets wait for it too (as the budget allows) instead of being stored on the loop
+        self._release_held()
+        self._hold = not self._threaded and self._background_wanted(trainer)
         if self._reuse_logits:
             self._reuse_logits = None      # check the model's output against the head again
         self._num_misclassified = 0
@@ -503,12 +516,42 @@ class CounterfactualMonitor(Callback):
         taken = self._take_pending()
         if taken is None:
             return
+        if self._hold:
+            if self._room_to_hold(taken):
+                self._held.append(taken)
+                self._pending.keep = max(self._pending.keep, len(self._held) + self._pending._KEEP)
+                return
+            # no room for more: this epoch's sets are stored here from now on, the held ones
+            # first (the stores must see the batches in order)
+            self._hold = False
+            held, self._held = self._held, []
+            for i, earlier in enumerate(held):
+                try:
+                    self._store_taken(earlier)
+                except BaseException:
+                    for rest in [*held[i + 1:], taken]:
+                        self._pending.release(rest)
+                    raise
         if self._threaded:
             # the bookkeeping runs on the collection thread, in batch order, while the
             # validation loop goes on
             self._collection_worker().submit(lambda: self._store_taken(taken))
         else:
             self._store_taken(taken)
+
+    def _room_to_hold(self, taken: "steps.BatchSet") -> bool:
+        """Whether the memory budget holds ``taken`` and the sets held before it until the epoch's
+        end, and buffers as large for the next set: in the two sets' share of the budget and what
+        the bank leaves over (:meth:`Stores.build <steps.Stores.build>`)."""
+        size = taken.slab.nbytes if taken.slab is not None else 0
+        store = self._store
+        return (len(self._held) + 2) * size <= 2 * store.pending_bytes + store.spare_bytes
+
+    def _release_held(self) -> None:
+        """Give the held sets' buffers back without storing them."""
+        held, self._held = self._held, []
+        for taken in held:
+            self._pending.release(taken)
 
     def _collection_worker(self) -> SerialWorker:
         if self._collector is None:
@@ -673,26 +716,30 @@ class CounterfactualMonitor(Callback):
         """Explain the kept mistakes, gather (DDP), compute statistics, log and report (rank 0);
         on a background thread when :meth:`_frozen_for` gives a frozen copy of the model."""
         self._remove_hook()
-        held = None
+        # the sets not yet stored (`held`, in batch order): stored by the background explanation
+        # before it starts, not here on the validation loop, or here when explaining here
+        held, self._held = self._held, []
         if self._active:
             try:
-                if self._background_wanted(trainer):
-                    # the last waiting batches are stored by the background explanation, before
-                    # it starts, not here on the validation loop
-                    held = self._take_pending()
+                if self._threaded and not self._background_wanted(trainer):
+                    self._flush_pending()  # (after the others, on the collection thread)
                 else:
-                    self._flush_pending()  # (it leaves inference mode itself)
+                    last = self._take_pending()
+                    if last is not None:
+                        held.append(last)
             except Exception as err:  # noqa: BLE001 - counted like any failed collection
                 self._stop_collecting([err])
         self._pending.clear()
         self._active = False
         failures = len(self._collect_failures)
         self._drain_collection()           # every batch of the epoch but `held` is in the stores
-        if held is not None and len(self._collect_failures) > failures:
-            self._pending.release(held)    # collection failed on the thread: stop there
-            held = None
+        if held and len(self._collect_failures) > failures:
+            for taken in held:             # collection failed on the thread: stop there
+                self._pending.release(taken)
+            held = []
         if not self._should_explain(trainer) or self._split is None:
-            return                         # (`held` is only taken for an epoch to explain)
+            self._store_held(held)
+            return
         run = steps.RunInfo.of(trainer)
         frozen = self._frozen_for(trainer, pl_module, held)
         if frozen is not None:
@@ -700,8 +747,7 @@ class CounterfactualMonitor(Callback):
                                       device=self._store.bank.device if self._store else None)
             self._job_run = run
             return
-        if held is not None:
-            self._store_held(held)
+        self._store_held(held)
         with torch.inference_mode(False):
             local = steps.search_local(self, run, pl_module, self._split.head)
             steps.sync_prototypes(self, run, local.failures)           # collective 1 (DDP)
@@ -722,7 +768,7 @@ class CounterfactualMonitor(Callback):
 
     # ------------------------------------------------------------------ background explanation
     def _frozen_for(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
-                    held: Optional["steps.BatchSet"] = None) -> Optional[FrozenModel]:
+                    held: Sequence["steps.BatchSet"] = ()) -> Optional[FrozenModel]:
         """The frozen copy of the model to explain against in the background (weights refreshed
         from the live model), or ``None`` to explain synchronously (as when nothing is to be
         explained: no mistake kept, and no waiting batches ``held`` for the background)."""
@@ -736,7 +782,7 @@ class CounterfactualMonitor(Callback):
                               "thread).", RuntimeWarning, stacklevel=3)
             return None
         if self._frozen_error is not None or self._store is None or (
-                self._store.mistakes.size == 0 and held is None):
+                self._store.mistakes.size == 0 and not held):
             return None
         if self._frozen is not None and self._frozen.refresh():
             return self._frozen
@@ -758,13 +804,13 @@ class CounterfactualMonitor(Callback):
         return frozen
 
     def _check_frozen(self, frozen: FrozenModel, pl_module: "pl.LightningModule",
-                      held: Optional["steps.BatchSet"] = None) -> None:
+                      held: Sequence["steps.BatchSet"] = ()) -> None:
         """Raise unless the copy's head gives the live head's logits on two kept mistakes (or
         two waiting samples ``held``, when none is kept yet)."""
         if self._store.mistakes.size:
             feats = self._store.mistakes.get("features")[:2].to(self._store.feature_dtype)
         else:
-            feats = held.feats[:2]
+            feats = held[0].feats[:2]
         with torch.inference_mode(False), torch.no_grad(), preserved_rng_state([feats.device]), \
                 preserved_training_flags(pl_module):
             live = self._split.head(feats)
@@ -773,12 +819,17 @@ class CounterfactualMonitor(Callback):
                 and torch.allclose(mine.float(), live.float(), rtol=1e-4, atol=1e-5)):
             raise ValueError("the copied model's head does not reproduce the live head's logits")
 
-    def _store_held(self, held: "steps.BatchSet") -> None:
-        """Store the epoch's last set here, on the training thread; a failure is counted."""
-        try:
-            self._store_taken(held)
-        except Exception as err:  # noqa: BLE001 - counted like any failed collection
-            self._stop_collecting([err])
+    def _store_held(self, held: Sequence["steps.BatchSet"]) -> None:
+        """Store held sets in order (here, or on the background thread before it explains); a
+        failure is counted and the sets after it are left out, as collection stops there."""
+        for i, taken in enumerate(held):
+            try:
+                self._store_taken(taken)
+            except Exception as err:  # noqa: BLE001 - counted like any failed collection
+                for rest in held[i + 1:]:
+                    self._pending.release(rest)
+                self._stop_collecting([err])
+                return
 
     def _background_wanted(self, trainer: "pl.Trainer") -> bool:
         """Whether this epoch is to be explained in the background (:meth:`_frozen_for` may still
@@ -789,21 +840,14 @@ class CounterfactualMonitor(Callback):
                 and self._should_explain(trainer))
 
     def _explain_background(self, run: "steps.RunInfo", frozen: FrozenModel,
-                            held: Optional["steps.BatchSet"] = None
+                            held: Sequence["steps.BatchSet"] = ()
                             ) -> tuple[EpochResult, Optional[os.PathLike], float]:
         """One epoch's explanation on the background thread (single process), after storing the
         epoch's last waiting batches (``held``). Never touches the live model, the global RNG
         or the loggers' scalar paths; never raises."""
         start = time.perf_counter()
         with global_rng_left_alone():
-            if held is not None:
-                try:
-                    self._store_taken(held)
-                except Exception as err:  # noqa: BLE001 - counted in the report like any other
-                    message = f"collection failed: {type(err).__name__}: {err}"
-                    warnings.warn(f"CounterfactualMonitor: {message}; the epoch's last batches "
-                                  "are left out.", RuntimeWarning, stacklevel=2)
-                    self._collect_failures.append(message)
+            self._store_held(held)
             local = steps.search_local(self, run, frozen.module, frozen.split.head)
             with self._proto_lock:
                 steps.sync_prototypes(self, run, local.failures)
@@ -868,7 +912,8 @@ class CounterfactualMonitor(Callback):
     def memory_bytes(self) -> int:
         """Bytes held by the reference bank, the mistake buffer, their thumbnails/labels and the
         buffers that validation batches wait in."""
-        return (0 if self._store is None else self._store.memory_bytes) + self._pending.memory_bytes
+        held = sum(t.slab.nbytes for t in self._held if t.slab is not None)
+        return (0 if self._store is None else self._store.memory_bytes) + self._pending.memory_bytes + held
 
     def state_dict(self) -> dict[str, Any]:
         if self._job is not None and self._job.done():

@@ -302,6 +302,56 @@ def test_the_epochs_last_batches_are_stored_by_the_background_explanation(tmp_pa
     assert len(monitor._pending._free) == 1        # the buffers came back for reuse
 
 
+@pytest.mark.parametrize("budget_mb, max_references", [(512, 64), (0.25, None)])
+def test_full_sets_wait_for_the_background_explanation_as_the_budget_allows(tmp_path, monkeypatch,
+                                                                          budget_mb, max_references):
+    # no spare core: the sets that fill during the epoch are held for the background
+    # explanation to store (before it explains) while the memory budget has room for them, then
+    # stored on the validation loop, the held ones first; the stores see the batches in order
+    monkeypatch.setattr(_background, "spare_cpu", lambda: False)
+    monkeypatch.setattr(steps, "_PENDING_MAX_BYTES", 1)          # one batch per set
+    calls, held_bytes, held_sets = [], [], []
+    add = steps.Stores.add
+
+    def recording(self, batch, pred, wrong):
+        calls.append((threading.current_thread() is threading.main_thread(),
+                      sorted(set(batch.ids[:, 1].tolist()))))
+        return add(self, batch, pred, wrong)
+
+    class Probe(L.Callback):
+        def on_validation_batch_end(self, trainer, pl_module, *args, **kwargs):
+            held_bytes.append(monitor.memory_bytes)
+            held_sets.append(len(monitor._held))
+
+    monkeypatch.setattr(steps.Stores, "add", recording)
+    L.seed_everything(7)
+    train, val = loaders()                                       # 4 validation batches
+    options = dict(max_samples=6, log_images=0, report_html=False, memory_budget_mb=budget_mb,
+                   max_references_per_class=max_references)
+    monitor = CounterfactualMonitor(report_dir=tmp_path / "held" / "r", **options)
+    L.Trainer(max_epochs=2, callbacks=[monitor, Probe()], default_root_dir=tmp_path / "held",
+              **FAST).fit(TinyClassifier(), train, val)
+    assert [ids for _, ids in calls] == [[0], [1], [2], [3]] * 2   # in batch order
+    on_loop = [main for main, _ in calls]
+    if budget_mb == 512:
+        assert not any(on_loop)                     # all stored by the background explanation
+        assert monitor._pending.keep == 6           # (four sets held) their buffers are reused
+        assert len(monitor._pending._free) == 4
+    else:   # the budget held the first set only: both stored when the second came, in order
+        assert max(held_sets) == 1 and on_loop == [True] * 8
+    assert max(held_bytes) <= budget_mb * 2 ** 20
+    # the same explanations as explaining synchronously at the epoch's end
+    calls.clear()
+    L.seed_everything(7)
+    sync = CounterfactualMonitor(report_dir=tmp_path / "sync" / "r", background=False, **options)
+    L.Trainer(max_epochs=2, callbacks=[sync], default_root_dir=tmp_path / "sync",
+              **FAST).fit(TinyClassifier(), train, val)
+    assert all(main for main, _ in calls)
+    assert _edits(tmp_path / "held" / "r") == _edits(tmp_path / "sync" / "r")
+    assert any(e for epoch in _edits(tmp_path / "sync" / "r") for e in epoch)
+    assert monitor.summaries[-1]["num_misclassified"] == sync.summaries[-1]["num_misclassified"]
+
+
 def test_batches_are_stored_inline_when_torch_uses_every_core(tmp_path, monkeypatch):
     # one batch per set, so that sets are stored during the epoch (the last one is stored by
     # the background explanation)
