@@ -318,7 +318,13 @@ class PendingBatches:
     @property
     def memory_bytes(self) -> int:
         """Bytes of the buffers held here (being filled or ready for reuse)."""
-        return sum(s.nbytes for s in ([self._slab] if self._slab is not None else []) + self._free)
+        return self.bytes_with()
+
+    def bytes_with(self, *taken: BatchSet) -> int:
+        """Bytes of the buffers held here and of those of the sets ``taken`` out (each counted
+        once, also when it is back here)."""
+        slabs = [self._slab, *self._free, *(t.slab for t in taken)]
+        return sum(s.nbytes for s in {id(s): s for s in slabs if s is not None}.values())
 
     @staticmethod
     def _key(feats: torch.Tensor, logits: torch.Tensor, parsed: ParsedBatch) -> tuple:

@@ -244,6 +244,7 @@ class CounterfactualMonitor(Callback):
         # (`_hold`: this epoch, while the memory budget has room for them)
         self._held: list[steps.BatchSet] = []
         self._hold = False
+        self._job_sets: list[steps.BatchSet] = []   # the held sets handed to the background job
         self._job_run: Optional[steps.RunInfo] = None
         self.last_background_s: Optional[float] = None   # wall time of the last background epoch
         self._frozen: Optional[FrozenModel] = None
@@ -746,6 +747,7 @@ class CounterfactualMonitor(Callback):
             self._job = BackgroundJob(lambda: self._explain_background(run, frozen, held),
                                       device=self._store.bank.device if self._store else None)
             self._job_run = run
+            self._job_sets = held
             return
         self._store_held(held)
         with torch.inference_mode(False):
@@ -861,6 +863,7 @@ class CounterfactualMonitor(Callback):
         """Wait for the background explanation (at most ``timeout`` s) and, on the training
         thread, log its scalars and add it to the history. Never raises."""
         job, self._job = self._job, None
+        self._job_sets = []
         if job is None:
             return
         out = job.wait(timeout)
@@ -897,6 +900,7 @@ class CounterfactualMonitor(Callback):
                      _captured_logits=None, _hooked=None, _armed=False,
                      _pending=steps.PendingBatches(), _reporters={}, _split=None,
                      _split_owner=None, _locate_tried=False, _job=None, _collector=None, _frozen=None,
+                     _held=[], _job_sets=[],
                      _proto_lock=None, _prototypes=protos)
         return state
 
@@ -912,8 +916,9 @@ class CounterfactualMonitor(Callback):
     def memory_bytes(self) -> int:
         """Bytes held by the reference bank, the mistake buffer, their thumbnails/labels and the
         buffers that validation batches wait in."""
-        held = sum(t.slab.nbytes for t in self._held if t.slab is not None)
-        return (0 if self._store is None else self._store.memory_bytes) + self._pending.memory_bytes + held
+        # (the sets held for the background explanation, and those it is storing, included)
+        waiting = self._pending.bytes_with(*self._held, *self._job_sets)
+        return (0 if self._store is None else self._store.memory_bytes) + waiting
 
     def state_dict(self) -> dict[str, Any]:
         if self._job is not None and self._job.done():
