@@ -80,9 +80,11 @@ class CounterfactualMonitor(Callback):
             device; thumbnails and part labels, on the CPU, are counted too), and for the
             validation batches waiting to be stored: after the first, batches are copied into
             reusable buffers and stored several at a time (cheaper than one by one), up to 1/16
-            of the budget (at most 32 MiB; a larger batch is stored alone; at most two such
-            buffers exist, kept from epoch to epoch). The per-class bank size follows from it,
-            capped at ``max_references_per_class``.
+            of the budget (at most 32 MiB; a larger batch is stored alone; two such buffers
+            are kept from epoch to epoch, more while fitting with the background explanation
+            and no collection thread, when full sets wait for it in what the capped bank leaves
+            of the budget). The per-class bank size follows from it, capped at
+            ``max_references_per_class``.
         max_references_per_class: most references kept per class (``None`` = as many as the budget
             allows): the first correctly classified samples of each class in the validation
             epoch (the model does not change during it; later ones are not copied at all). More
