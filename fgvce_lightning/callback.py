@@ -528,13 +528,8 @@ class CounterfactualMonitor(Callback):
             # first (the stores must see the batches in order)
             self._hold = False
             held, self._held = self._held, []
-            for i, earlier in enumerate(held):
-                try:
-                    self._store_taken(earlier)
-                except BaseException:
-                    for rest in [*held[i + 1:], taken]:
-                        self._pending.release(rest)
-                    raise
+            self._store_sets([*held, taken])
+            return
         if self._threaded:
             # the bookkeeping runs on the collection thread, in batch order, while the
             # validation loop goes on
@@ -823,17 +818,24 @@ class CounterfactualMonitor(Callback):
                 and torch.allclose(mine.float(), live.float(), rtol=1e-4, atol=1e-5)):
             raise ValueError("the copied model's head does not reproduce the live head's logits")
 
+    def _store_sets(self, sets: Sequence["steps.BatchSet"]) -> None:
+        """Store taken sets in order; on a failure the sets after it are given back unstored and
+        the failure propagates."""
+        for i, taken in enumerate(sets):
+            try:
+                self._store_taken(taken)
+            except BaseException:
+                for rest in sets[i + 1:]:
+                    self._pending.release(rest)
+                raise
+
     def _store_held(self, held: Sequence["steps.BatchSet"]) -> None:
         """Store held sets in order (here, or on the background thread before it explains); a
         failure is counted and the sets after it are left out, as collection stops there."""
-        for i, taken in enumerate(held):
-            try:
-                self._store_taken(taken)
-            except Exception as err:  # noqa: BLE001 - counted like any failed collection
-                for rest in held[i + 1:]:
-                    self._pending.release(rest)
-                self._stop_collecting([err])
-                return
+        try:
+            self._store_sets(held)
+        except Exception as err:  # noqa: BLE001 - counted like any failed collection
+            self._stop_collecting([err])
 
     def _background_wanted(self, trainer: "pl.Trainer") -> bool:
         """Whether this epoch is to be explained in the background (:meth:`_frozen_for` may still
@@ -847,7 +849,7 @@ class CounterfactualMonitor(Callback):
                             held: Sequence["steps.BatchSet"] = ()
                             ) -> tuple[EpochResult, Optional[os.PathLike], float]:
         """One epoch's explanation on the background thread (single process), after storing the
-        epoch's last waiting batches (``held``). Never touches the live model, the global RNG
+        epoch's sets of batches still waiting (``held``, in order). Never touches the live model, the global RNG
         or the loggers' scalar paths; never raises."""
         start = time.perf_counter()
         with global_rng_left_alone():
