@@ -771,16 +771,13 @@ class CounterfactualMonitor(Callback):
         """The frozen copy of the model to explain against in the background (weights refreshed
         from the live model), or ``None`` to explain synchronously (as when nothing is to be
         explained: no mistake kept, and no waiting batches ``held`` for the background)."""
-        if self.background is False or trainer.state.fn != TrainerFn.FITTING:
-            return None
-        if int(getattr(trainer, "world_size", 1) or 1) > 1:
-            if self.background is True and self._frozen_error is None:
-                self._frozen_error = "DDP"
-                warnings.warn("CounterfactualMonitor(background=True): under DDP the explanation "
-                              "runs synchronously (its collectives must stay on the training "
-                              "thread).", RuntimeWarning, stacklevel=3)
-            return None
-        if self._frozen_error is not None or self._store is None or (
+        if (self.background is True and trainer.state.fn == TrainerFn.FITTING
+                and int(getattr(trainer, "world_size", 1) or 1) > 1 and self._frozen_error is None):
+            self._frozen_error = "DDP"
+            warnings.warn("CounterfactualMonitor(background=True): under DDP the explanation "
+                          "runs synchronously (its collectives must stay on the training "
+                          "thread).", RuntimeWarning, stacklevel=3)
+        if not self._background_wanted(trainer) or self._store is None or (
                 self._store.mistakes.size == 0 and not held):
             return None
         if self._frozen is not None and self._frozen.refresh():
