@@ -19,18 +19,9 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ._argtypes import positive_int
+
 __all__ = ["main", "build_parser", "run_demo"]
-
-
-def positive_int(value: str) -> int:
-    """argparse type: a positive integer, with a message that says what was given."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, but got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, but got {value!r}")
-    return number
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -532,7 +532,7 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="path of a DemoClassifier .ckpt")
     parser.add_argument("--data", choices=("synthetic",), default="synthetic",
                         help="validation data (default: synthetic, the demo's SyntheticBirds)")
-    from .cli import positive_int as _positive
+    from ._argtypes import positive_int as _positive
 
     parser.add_argument("--num-val", type=_positive, default=500,
                         help="validation images (default: 500, as the demo)")

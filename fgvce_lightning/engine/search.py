@@ -159,10 +159,28 @@ class SearchConfig:
         if self.region_order not in REGION_ORDERS:
             raise ValueError(f"Expected `region_order` to be one of {REGION_ORDERS}, but got "
                              f"{self.region_order!r}.")
-        if self.num_classes is not None and (not isinstance(self.num_classes, int)
+        if self.num_classes is not None and (isinstance(self.num_classes, bool)
+                                             or not isinstance(self.num_classes, int)
                                              or self.num_classes < 2):
             raise ValueError(f"Expected `num_classes` to be an integer >= 2 or None, but got "
                              f"{self.num_classes!r}.")
+        for name in ("antithetic", "minimality", "rigid_matching", "trim"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Expected `{name}` to be True or False, but got "
+                                 f"{getattr(self, name)!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"Expected `seed` to be an integer in [0, 2**63) (a torch.Generator "
+                             f"seed), but got {self.seed!r}.")
+        threshold = self.region_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+                or not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"Expected `region_threshold` to be a number in [0, 1] (the share of "
+                             f"a region's strongest contribution a neighbour needs to join it), "
+                             f"but got {threshold!r}.")
+        size = self.max_region_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"Expected `max_region_size` to be a positive integer or None (the "
+                             f"default for the grid), but got {size!r}.")
 
 
 @dataclass

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .split import ModelSplit, _CheckedFeatures, _Pipeline
+from .model_split import ModelSplit, _CheckedFeatures, _Pipeline
 
 __all__ = [
     "split_transformer",

@@ -16,6 +16,7 @@ import torch
 from .epoch import EpochResult
 from .figures import epoch_figure_images
 from .images import sample_panel
+from .report import report_dict
 
 __all__ = ["png_bytes", "png_data_uri", "jpeg_bytes", "jpeg_data_uri", "render_html"]
 
@@ -173,15 +174,13 @@ def render_html(result: EpochResult, report: Optional[dict] = None, *, panel_siz
 
     Args:
         result: the epoch result (for the images).
-        report: its :func:`~fgvce_lightning.reporting.export.report_dict` (computed if omitted).
+        report: its :func:`~fgvce_lightning.reporting.report.report_dict` (computed if omitted).
         panel_size: side of each image panel in pixels.
 
     Returns:
         A complete HTML5 document, self-contained.
     """
     if report is None:
-        from .export import report_dict
-
         report = report_dict(result)
     title = f"FG-VCE report · epoch {report['epoch']}"
     body: list[Any] = [f"<h1>{escape(title)}</h1>", "<h2>Summary</h2>", _summary(report)]
