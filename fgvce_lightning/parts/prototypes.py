@@ -225,9 +225,24 @@ class PartPrototypes:
         return self.similarities(feature_maps).argmax(dim=1)
 
     # ------------------------------------------------------------------ typical patches
+    def _typical(self, feature_maps: torch.Tensor, k: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per part, the images and cells of its ``k`` most typical patches (one similarity pass
+        over all parts): ``(K, t)`` image indices, flat cell indices and whether each is valid
+        (a part with fewer images than ``t = min(k, N)`` has invalid entries last)."""
+        sims = self.similarities(feature_maps)                          # (N, K, H, W)
+        n, kk, gh, gw = sims.shape
+        own = sims.argmax(dim=1, keepdim=True) == torch.arange(kk, device=sims.device).view(1, kk, 1, 1)
+        scored = sims.masked_fill(~own, float("-inf")).reshape(n, kk, gh * gw)
+        best, where = scored.max(dim=2)                                 # per image and part
+        top_val, top_img = best.T.topk(min(k, n), dim=1)                # (K, t)
+        return top_img, where.T.gather(1, top_img), torch.isfinite(top_val)
+
     def typical_patches(self, feature_maps: torch.Tensor, k: int = 8
                         ) -> list[list[tuple[int, tuple[int, int]]]]:
         """The most typical patches of each part: at most one cell per image, most similar first.
+
+        One similarity pass over all parts (``O(N K H W C)``), whatever the number of parts.
 
         Args:
             feature_maps: ``(N, C, H, W)`` (e.g. the bank's feature maps).
@@ -237,60 +252,70 @@ class PartPrototypes:
             per part, a list of ``(index into feature_maps, (row, col))`` of cells assigned to the
             part, ranked by their similarity to its prototype.
         """
-        sims = self.similarities(feature_maps)                          # (N, K, H, W)
-        n, kk, gh, gw = sims.shape
-        own = sims.argmax(dim=1, keepdim=True) == torch.arange(kk, device=sims.device).view(1, kk, 1, 1)
-        scored = sims.masked_fill(~own, float("-inf")).reshape(n, kk, gh * gw)
-        best, where = scored.max(dim=2)                                 # per image and part
-        take = min(k, n)
-        top_val, top_img = best.T.topk(take, dim=1)                     # (K, take)
-        top_cell = where.T.gather(1, top_img)
-        out: list[list[tuple[int, tuple[int, int]]]] = []
-        for part in range(kk):
-            ok = torch.isfinite(top_val[part]).tolist()
-            imgs, cells = top_img[part].tolist(), top_cell[part].tolist()
-            out.append([(i, (c // gw, c % gw)) for i, c, good in zip(imgs, cells, ok) if good])
-        return out
+        gw = feature_maps.shape[-1]
+        imgs, cells, valid = (t.tolist() for t in self._typical(feature_maps, k))
+        return [[(i, (c // gw, c % gw)) for i, c, good in zip(img, cell, ok) if good]
+                for img, cell, ok in zip(imgs, cells, valid)]
 
-    def patch_strip(self, part: int, feature_maps: torch.Tensor, thumbnails: torch.Tensor,
-                    k: int = 8, size: int = 48, context: float = 0.5, padding: int = 2) -> torch.Tensor:
-        """A strip of the part's ``k`` most typical image patches, for TensorBoard.
+    def patch_strips(self, feature_maps: torch.Tensor, thumbnails: torch.Tensor, k: int = 8,
+                     size: int = 48, context: float = 0.5, padding: int = 2,
+                     parts: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Strips of every part's ``k`` most typical image patches, for TensorBoard.
+
+        The patches of all parts are found in one pass (:meth:`typical_patches`) and cropped and
+        resized together (bilinear, as ``F.interpolate`` resizes each crop): the work grows
+        linearly with the number of parts.
 
         Args:
-            part: part id.
             feature_maps: ``(N, C, H, W)``.
             thumbnails: ``(N, 3, h, w)`` images of the same samples (uint8, or float in [0, 1]).
-            k: number of patches.
+            k: patches per strip.
             size: side of each patch in the strip, in pixels.
             context: extra margin around the cell, as a fraction of the cell size on each side.
             padding: pixels between patches.
+            parts: the part ids to draw (default: all, in id order).
 
         Returns:
-            ``(3, h', w')`` uint8 image (``k`` tiles; grey tiles where the part has fewer patches).
+            ``(P, 3, size + 2 * padding, k * (size + padding) + padding)`` uint8 strips (white
+            padding, grey tiles where a part has fewer than ``k`` patches).
         """
-        from torchvision.utils import make_grid
-
-        if not 0 <= part < self.num_parts:
-            raise ValueError(f"Expected `part` in [0, {self.num_parts}), but got {part}.")
+        chosen = list(range(self.num_parts)) if parts is None else [int(p) for p in parts]
+        for part in chosen:
+            if not 0 <= part < self.num_parts:
+                raise ValueError(f"Expected part ids in [0, {self.num_parts}), but got {part}.")
         if thumbnails.dim() != 4 or thumbnails.shape[0] != feature_maps.shape[0] or thumbnails.shape[1] != 3:
             raise ValueError(f"Expected `thumbnails` of shape ({feature_maps.shape[0]}, 3, h, w) to "
                              f"match the feature maps, but got {tuple(thumbnails.shape)}.")
         gh, gw = feature_maps.shape[-2:]
-        patches = self.typical_patches(feature_maps, k=k)[part]
-        imgs = thumbnails.float() / 255.0 if not thumbnails.is_floating_point() else thumbnails.float()
-        h, w = imgs.shape[-2:]
-        tiles = []
-        for idx, (i, j) in patches:
-            top = max(0, int((i - context) * h / gh))
-            bottom = min(h, max(top + 1, int(round((i + 1 + context) * h / gh))))
-            left = max(0, int((j - context) * w / gw))
-            right = min(w, max(left + 1, int(round((j + 1 + context) * w / gw))))
-            crop = imgs[idx:idx + 1, :, top:bottom, left:right]
-            tiles.append(F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0])
-        while len(tiles) < k:
-            tiles.append(torch.full((3, size, size), 0.5))
-        grid = make_grid(torch.stack(tiles).clamp(0, 1).cpu(), nrow=k, padding=padding, pad_value=1.0)
-        return (grid * 255).round().to(torch.uint8)
+        imgs, cells, valid = (t[chosen].cpu() for t in self._typical(feature_maps, k))
+        images = thumbnails.float() / 255.0 if not thumbnails.is_floating_point() else thumbnails.float()
+        images = images.cpu()
+        h, w = images.shape[-2:]
+        rows, cols = (cells // gw).double(), (cells % gw).double()
+        top = ((rows - context) * h / gh).long().clamp(0, h - 1)
+        bottom = torch.maximum(top + 1, ((rows + 1 + context) * h / gh).round().long().clamp(max=h))
+        left = ((cols - context) * w / gw).long().clamp(0, w - 1)
+        right = torch.maximum(left + 1, ((cols + 1 + context) * w / gw).round().long().clamp(max=w))
+        tiles = torch.full((len(chosen), imgs.shape[1], 3, size, size), 0.5)
+        if bool(valid.any()):
+            tiles[valid] = _resized_crops(images, imgs[valid], top[valid], bottom[valid],
+                                          left[valid], right[valid], size)
+        if tiles.shape[1] < k:                                    # fewer images than patches
+            grey = torch.full((len(chosen), k - tiles.shape[1], 3, size, size), 0.5)
+            tiles = torch.cat([tiles, grey], 1)
+        strips = torch.ones(len(chosen), 3, size + 2 * padding, k * (size + padding) + padding)
+        body = strips[:, :, padding:padding + size, padding:].unflatten(3, (k, size + padding))
+        body[..., :size] = tiles.clamp(0, 1).permute(0, 2, 3, 1, 4)
+        return (strips * 255).round().to(torch.uint8)
+
+    def patch_strip(self, part: int, feature_maps: torch.Tensor, thumbnails: torch.Tensor,
+                    k: int = 8, size: int = 48, context: float = 0.5, padding: int = 2) -> torch.Tensor:
+        """One part's strip of :meth:`patch_strips`: ``(3, h', w')`` uint8 (``k`` tiles; grey
+        tiles where the part has fewer patches)."""
+        if not 0 <= part < self.num_parts:
+            raise ValueError(f"Expected `part` in [0, {self.num_parts}), but got {part}.")
+        return self.patch_strips(feature_maps, thumbnails, k=k, size=size, context=context,
+                                 padding=padding, parts=[part])[0]
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -326,3 +351,40 @@ class PartPrototypes:
         self.num_fits = int(state.get("num_fits", 0))
         if state.get("generator") is not None:
             self._generator.set_state(state["generator"])
+
+
+def _resized_crops(images: torch.Tensor, index: torch.Tensor, top: torch.Tensor,
+                   bottom: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+                   size: int) -> torch.Tensor:
+    """Crops ``images[index[m], :, top[m]:bottom[m], left[m]:right[m]]`` resized to ``size`` x
+    ``size`` in one batched pass, with the sampling of ``F.interpolate(mode="bilinear",
+    align_corners=False)`` on each crop (never reading outside it).
+
+    Args:
+        images: ``(N, 3, h, w)`` float images.
+        index: ``(M,)`` image of each crop; ``top``/``bottom``/``left``/``right``: ``(M,)`` bounds.
+        size: side of the output tiles.
+
+    Returns:
+        ``(M, 3, size, size)`` tiles.
+    """
+    def taps(start: torch.Tensor, stop: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        length = stop - start
+        pos = ((torch.arange(size, dtype=torch.float32) + 0.5)[None] * (length[:, None] / size)
+               - 0.5).clamp_min(0)
+        low = pos.floor().long()
+        frac = pos - low
+        last = (length - 1)[:, None]
+        return start[:, None] + low.minimum(last), start[:, None] + (low + 1).minimum(last), frac
+
+    src = images[index]                                                  # (M, 3, h, w)
+    m, c, _, w = src.shape
+    y0, y1, fy = taps(top, bottom)                                       # (M, size)
+    x0, x1, fx = taps(left, right)
+    pick = lambda ys: src.gather(2, ys[:, None, :, None].expand(m, c, size, w))  # noqa: E731
+    fy = fy[:, None, :, None]
+    rows = pick(y0) * (1 - fy) + pick(y1) * fy                           # (M, 3, size, w)
+    pick = lambda xs: rows.gather(3, xs[:, None, None, :].expand(m, c, size, size))  # noqa: E731
+    fx = fx[:, None, None, :]
+    return pick(x0) * (1 - fx) + pick(x1) * fx
+

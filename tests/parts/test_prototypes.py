@@ -128,3 +128,47 @@ def test_typical_patches_and_strip():
     first_img, (r, c) = patches[part][0]
     tile = strip[:, 2:18, 2:18]
     assert torch.all(tile == 10 * first_img + 3 * r + c)
+
+
+def _strip_one_by_one(protos, part, maps, thumbs, k, size, context, padding):
+    """The strip as drawn before it was vectorised: each crop resized by F.interpolate."""
+    import torch.nn.functional as F
+    from torchvision.utils import make_grid
+
+    gh, gw = maps.shape[-2:]
+    imgs = thumbs.float() / 255.0
+    h, w = imgs.shape[-2:]
+    tiles = []
+    for idx, (i, j) in protos.typical_patches(maps, k=k)[part]:
+        top = max(0, int((i - context) * h / gh))
+        bottom = min(h, max(top + 1, int(round((i + 1 + context) * h / gh))))
+        left = max(0, int((j - context) * w / gw))
+        right = min(w, max(left + 1, int(round((j + 1 + context) * w / gw))))
+        crop = imgs[idx:idx + 1, :, top:bottom, left:right]
+        tiles.append(F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0])
+    while len(tiles) < k:
+        tiles.append(torch.full((3, size, size), 0.5))
+    grid = make_grid(torch.stack(tiles).clamp(0, 1), nrow=k, padding=padding, pad_value=1.0)
+    return (grid * 255).round().to(torch.uint8)
+
+
+@pytest.mark.parametrize("context, size", [(0.5, 48), (0.0, 13), (1.5, 20)])
+def test_patch_strips_of_all_parts_in_one_pass_equal_the_strips_one_by_one(monkeypatch, context, size):
+    gen = torch.Generator().manual_seed(0)
+    maps = torch.randn(10, 6, 4, 5, generator=gen)
+    thumbs = torch.randint(0, 256, (10, 3, 28, 35), dtype=torch.uint8, generator=gen)
+    protos = PartPrototypes(num_parts=7, seed=0)
+    protos.fit(maps)
+    expected = [_strip_one_by_one(protos, p, maps, thumbs, 8, size, context, 2) for p in range(7)]
+    calls = []
+    similarities = protos.similarities
+    monkeypatch.setattr(protos, "similarities", lambda f: calls.append(1) or similarities(f))
+    strips = protos.patch_strips(maps, thumbs, k=8, size=size, context=context, padding=2)
+    assert calls == [1]                          # one similarity pass for every part together
+    assert strips.shape == (7, *expected[0].shape) and strips.dtype == torch.uint8
+    for part in range(7):                        # (k=8 > 10 images' patches of a part: grey tiles)
+        assert (strips[part].int() - expected[part].int()).abs().max() <= 1, part
+    assert torch.equal(protos.patch_strip(3, maps, thumbs, k=8, size=size, context=context),
+                       strips[3])
+    with pytest.raises(ValueError, match=r"part ids in \[0, 7\)"):
+        protos.patch_strips(maps, thumbs, parts=[7])
