@@ -4,7 +4,8 @@ The monitor's background explanation and its collection thread run Python betwee
 operations (drawing panels, encoding PNGs, writing the report, bookkeeping). A thread waiting for
 the GIL waits up to the interpreter's switch interval (5 ms by default) before the holder is asked
 to let go, and the training thread takes the GIL back after every operation it calls. The monitor
-therefore shortens the interval while its threads work (``fgvce_lightning._background.short_gil_turns``).
+can shorten the interval while its threads work (opt-in: ``CounterfactualMonitor(switch_interval_s=2e-4)``,
+``fgvce_lightning.monitor.threads.short_gil_turns``).
 
 This script times training steps of the demo's ``SmallCNN`` (batch 32, 64×64 images, SGD) on the
 calling thread, in rounds so that drift of the machine's speed affects every setting alike:
@@ -31,7 +32,7 @@ import time
 
 import torch
 
-from fgvce_lightning._background import SWITCH_INTERVAL_S, short_gil_turns
+from fgvce_lightning.monitor.threads import SWITCH_INTERVAL_S, short_gil_turns
 from fgvce_lightning.models import SmallCNN
 
 

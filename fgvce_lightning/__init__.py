@@ -13,7 +13,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "CounterfactualMonitor": "fgvce_lightning.callback",
+    "CounterfactualMonitor": "fgvce_lightning.monitor",
     "ReferenceBank": "fgvce_lightning.engine.bank",
     "SearchConfig": "fgvce_lightning.engine.search",
     "counterfactual_search": "fgvce_lightning.engine.search",

@@ -77,7 +77,7 @@ def run_demo(epochs: int = 10, output_dir: str | os.PathLike = "runs/fgvce-demo"
     train_demo(max_epochs=epochs, num_train=num_train, num_val=num_val, callbacks=[monitor],
                default_root_dir=output_dir, seed=seed, accelerator=accelerator,
                enable_progress_bar=progress, num_classes=num_classes, logger=logger)
-    reports = Path(monitor._report_root) if monitor._report_root else None
+    reports = Path(monitor.report_root) if monitor.report_root else None
     latest = None
     if monitor.last_report is not None:
         latest = Path(monitor.last_report) / "report.html"

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 from _callback_fixtures import (PART_NAMES, KeypointDataset, PlantedModel, TinyClassifier, loaders,
                                 planted_data, planted_val)
-from fgvce_lightning import _background
 from fgvce_lightning.callback import CounterfactualMonitor
+from fgvce_lightning.monitor import Mechanisms, session as monitor_session
 from fgvce_lightning.reporting.schema import validate_report
 
 FAST = dict(enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
@@ -160,7 +160,7 @@ def test_tensorboard_scalars_images_text_layout_and_report(tmp_path):
     assert "fgvce/samples/0" in tags["images"]
     # discovered parts (no annotations here): one strip of typical patches per prototype
     strips = sorted(t for t in tags["images"] if t.startswith("fgvce/parts/"))
-    assert len(strips) == monitor._prototypes.num_parts, strips
+    assert len(strips) == monitor._ctx.prototypes.num_parts, strips
     strip = acc.Images(strips[0])[-1]
     assert strip.width > strip.height > 0                                   # a horizontal strip
     assert any(t.startswith("fgvce/summary") for t in tags["tensors"])      # text
@@ -219,13 +219,13 @@ def test_every_n_epochs_and_sanity_check_are_skipped(tmp_path):
 
 @pytest.mark.parametrize("threaded", [False, True], ids=["inline", "collection-thread"])
 def test_trainer_validate_under_inference_mode(tmp_path, monkeypatch, threaded):
-    monkeypatch.setattr(_background, "spare_cpu", lambda: threaded)
+    monkeypatch.setattr(monitor_session.threads, "spare_cpu", lambda: threaded)
     L.seed_everything(0)
     _, val = loaders()
     model = TinyClassifier()
     monitor = _monitor(max_samples=4, report_dir=tmp_path / "r")
     _trainer(tmp_path, [monitor], inference_mode=True).validate(model, val)
-    assert (monitor._collector is not None) == threaded
+    assert (monitor._session.worker is not None) == threaded
     result = monitor.last_result
     assert result.stats.num_misclassified > 0 and result.stats.num_explained > 0
     assert not result.failures
@@ -265,7 +265,7 @@ def test_memory_is_bounded_and_nothing_holds_a_graph(tmp_path):
 
     _trainer(tmp_path, [monitor, Probe()], max_epochs=3, inference_mode=False).fit(
         TinyClassifier(), train, val)
-    store = monitor._store
+    store = monitor._session.collectors[0].stores
     assert sizes[1:] == [sizes[1]] * (len(sizes) - 1) and sizes[1] <= 2 ** 18
     assert store.mistakes.capacity == 8
     cap = store.bank.capacity_per_class
@@ -348,9 +348,9 @@ def test_model_output_is_reused_as_logits_only_when_it_equals_the_head(tmp_path)
     model = TinyClassifier()
     reused = _monitor(max_samples=8, report_dir=tmp_path / "a")
     _trainer(tmp_path, [reused]).validate(model, val)
-    assert reused._reuse_logits is True          # the forward's logits equal head(F)
-    recomputed = _monitor(max_samples=8, report_dir=tmp_path / "b")
-    recomputed._reuse_logits = False             # force a head pass on every batch
+    assert reused._session.capture.reuse_logits is True    # the forward's logits equal head(F)
+    recomputed = _monitor(max_samples=8, report_dir=tmp_path / "b",   # a head pass on every batch
+                          _mechanisms=Mechanisms(reuse_logits=False))
     _trainer(tmp_path, [recomputed]).validate(model, val)
     assert recomputed.last_result.stats.num_misclassified == reused.last_result.stats.num_misclassified
     assert _explained(recomputed) == _explained(reused) and _explained(reused)
@@ -359,7 +359,7 @@ def test_model_output_is_reused_as_logits_only_when_it_equals_the_head(tmp_path)
     scaled.load_state_dict(model.state_dict())
     guarded = _monitor(max_samples=8, report_dir=tmp_path / "c")
     _trainer(tmp_path, [guarded]).validate(scaled, val)
-    assert guarded._reuse_logits is False        # mismatch detected: the head is used
+    assert guarded._session.capture.reuse_logits is False   # mismatch detected: the head is used
     assert _explained(guarded) == _explained(reused)
     assert _no_forward_hooks(model) and _no_forward_hooks(scaled)
 
@@ -383,7 +383,7 @@ def test_forwards_outside_the_validation_step_are_not_captured(tmp_path):
         model = TinyClassifier()
         monitor = _monitor(max_samples=8, report_dir=tmp_path / name)
         _trainer(tmp_path / name, [monitor, *extra]).validate(model, val)
-        stores[name] = monitor._store
+        stores[name] = monitor._session.collectors[0].stores
         assert _no_forward_hooks(model)
     # (the first batch locates the split point: no hook yet) tap, module, inner net
     assert seen_hooks == [0, 3, 3, 3]

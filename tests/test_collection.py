@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fgvce_lightning.collection import (MistakeBuffer, ReferenceExtras, pictures, small_images,
-                                        parse_batch)
+from fgvce_lightning.monitor import pending as pending_module, stores as stores_module
+from fgvce_lightning.monitor.batches import ParsedBatch, parse_batch, pictures, small_images
+from fgvce_lightning.monitor.buffers import MistakeBuffer, ReferenceExtras
 
 
 def test_parse_tuple_dict_and_custom_batches():
@@ -127,7 +128,6 @@ def test_reference_extras_mirror_a_ring_buffer_and_find_ids():
 
 
 def test_reference_extras_keep_exactly_the_samples_the_bank_keeps():
-    from fgvce_lightning.collection import ReferenceExtras
     from fgvce_lightning.engine.bank import ReferenceBank
 
     gen = torch.Generator().manual_seed(0)
@@ -147,9 +147,7 @@ def test_reference_extras_keep_exactly_the_samples_the_bank_keeps():
 
 
 def test_stores_keep_bank_and_extras_in_step_when_maps_are_not_finite():
-    from fgvce_lightning import _monitor_steps as steps
-
-    store = steps.Stores.build(
+    store = stores_module.Stores.build(
         num_classes=2, feature_shape=(2, 2, 2), input_size=(8, 8), device=torch.device("cpu"),
         dtype=torch.float16, feature_dtype=torch.float32, mistakes=4, budget_bytes=2 ** 20,
         max_per_class=3, thumbnail_size=8, part_source="prototypes", num_annotated=0, seed=0)
@@ -161,7 +159,7 @@ def test_stores_keep_bank_and_extras_in_step_when_maps_are_not_finite():
         labels = torch.tensor([0, 0, 1, 1, 0, 1])
         images = torch.rand(6, 3, 8, 8, generator=gen)
         ids = torch.stack([torch.zeros(6), torch.full((6,), batch), torch.arange(6)], 1).long()
-        store.add(steps.BatchSet(feats, torch.zeros(6, 2), labels, None, None,
+        store.add(pending_module.BatchSet(feats, torch.zeros(6, 2), labels, None, None,
                                  small_images(images, 8), ids),
                   labels.clone(), torch.zeros(6, dtype=torch.bool))
     for c in range(2):
@@ -173,9 +171,7 @@ def test_stores_keep_bank_and_extras_in_step_when_maps_are_not_finite():
 
 
 def _stores(seed: int = 0, budget: int = 2 ** 22, max_per_class=4):
-    from fgvce_lightning import _monitor_steps as steps
-
-    return steps.Stores.build(
+    return stores_module.Stores.build(
         num_classes=3, feature_shape=(4, 3, 3), input_size=(12, 12), device=torch.device("cpu"),
         dtype=torch.float32, feature_dtype=torch.float32, mistakes=5, budget_bytes=budget,
         max_per_class=max_per_class, thumbnail_size=6, part_source="keypoints", num_annotated=2,
@@ -183,8 +179,6 @@ def _stores(seed: int = 0, budget: int = 2 ** 22, max_per_class=4):
 
 
 def _batches(num: int, size: int = 7):
-    from fgvce_lightning.collection import ParsedBatch
-
     gen = torch.Generator().manual_seed(1)
     out = []
     for _ in range(num):
@@ -204,17 +198,15 @@ def _store_all(store, batch):
 
 
 def test_batches_stored_together_leave_the_stores_exactly_as_one_by_one():
-    from fgvce_lightning import _monitor_steps as steps
-
     batches = _batches(6)
     one, together = _stores(), _stores()
     for i, (feats, logits, parsed) in enumerate(batches):
         b = feats.shape[0]
         ids = torch.stack([torch.zeros(b), torch.full((b,), i), torch.arange(b)], 1).long()
         thumbs = small_images(parsed.images, one.thumbnail_size)
-        _store_all(one, steps.BatchSet(feats, logits, parsed.labels, parsed.keypoints, None,
+        _store_all(one, pending_module.BatchSet(feats, logits, parsed.labels, parsed.keypoints, None,
                                        thumbs, ids))
-    pending = steps.PendingBatches(2 ** 20, together.thumbnail_size)
+    pending = pending_module.PendingBatches(2 ** 20, together.thumbnail_size)
     buffers = set()
     for i, (feats, logits, parsed) in enumerate(batches):
         assert pending.fits(feats, logits, together.needed(parsed))
@@ -249,13 +241,11 @@ def test_batches_stored_together_leave_the_stores_exactly_as_one_by_one():
 
 
 def test_stores_keep_the_first_references_of_each_class_in_an_epoch_with_their_extras():
-    from fgvce_lightning import _monitor_steps as steps
-
     batches = _batches(6)
     store = _stores(max_per_class=2)
     for epoch in range(2):
         store.reset(reseed=epoch)
-        pending = steps.PendingBatches(2 ** 20, store.thumbnail_size)
+        pending = pending_module.PendingBatches(2 ** 20, store.thumbnail_size)
         for i, (feats, logits, parsed) in enumerate(batches[epoch:]):     # another order
             pending.push(feats, logits, store.needed(parsed), 0, i)
             if i % 2:
@@ -281,15 +271,13 @@ def test_stores_keep_the_first_references_of_each_class_in_an_epoch_with_their_e
                                    store.cell_parts(store.needed(parsed))[key[2]])
 
 def test_pending_batches_hold_only_what_the_stores_use_and_refuse_mismatched_batches():
-    from fgvce_lightning import _monitor_steps as steps
-
     store = _stores()
     (feats, logits, parsed), = _batches(1)
     slim = store.needed(parsed)
     assert slim.keypoints is parsed.keypoints and slim.masks is None   # masks are not held
     per_row = sum(t[0].numel() * t.element_size() for t in (feats, logits, slim.labels,
                                                             slim.keypoints)) + 3 * 5 * 5 * 2
-    pending = steps.PendingBatches(12 * per_row, thumbnail_size=5)
+    pending = pending_module.PendingBatches(12 * per_row, thumbnail_size=5)
     pending.push(feats, logits, slim, 2, 9)
     # buffers for 12 rows of what the stores keep (not the images, not the masks)
     assert pending.memory_bytes == 12 * per_row and pending.rows == 7 and len(pending) == 1
@@ -322,8 +310,6 @@ def test_pending_batches_hold_only_what_the_stores_use_and_refuse_mismatched_bat
 
 
 def test_deferred_thumbnails_are_cast_later_and_their_images_count_against_the_set():
-    from fgvce_lightning import _monitor_steps as steps
-
     store = _stores()
     batches = _batches(3)
     feats, logits, parsed = batches[0]
@@ -333,7 +319,7 @@ def test_deferred_thumbnails_are_cast_later_and_their_images_count_against_the_s
     image_bytes = slim.images.numel() * slim.images.element_size()
     # room for the rows and held images of 2 batches
     limit = 2 * (7 * per_row + image_bytes)
-    pending = steps.PendingBatches(limit, thumbnail_size=6)
+    pending = pending_module.PendingBatches(limit, thumbnail_size=6)
     for i, (f, lg, p) in enumerate(batches[:2]):
         assert pending.fits(f, lg, store.needed(p), defer_thumbnails=True)
         pending.push(f, lg, store.needed(p), 0, i, defer_thumbnails=True)
@@ -341,7 +327,7 @@ def test_deferred_thumbnails_are_cast_later_and_their_images_count_against_the_s
     f, lg, p = batches[2]
     assert not pending.fits(f, lg, store.needed(p), defer_thumbnails=True) and pending.full
     # buffers made for cast-at-once batches have rows for more, but the held images fill the set
-    roomy = steps.PendingBatches(limit, thumbnail_size=6)
+    roomy = pending_module.PendingBatches(limit, thumbnail_size=6)
     roomy.push(*batches[0][:2], store.needed(batches[0][2]), 0, 0)
     roomy.release(roomy.take())
     for i, (f, lg, p) in enumerate(batches[:2]):
@@ -358,13 +344,11 @@ def test_deferred_thumbnails_are_cast_later_and_their_images_count_against_the_s
 
 
 def test_the_memory_budget_counts_the_batches_waiting_to_be_stored():
-    from fgvce_lightning import _monitor_steps as steps
-
     assert _stores(budget=2 ** 30).pending_bytes == 32 * 2 ** 20           # capped
     for budget in (2 ** 13, 2 ** 14, 2 ** 15):
         store = _stores(budget=budget, max_per_class=None)
         assert store.pending_bytes == budget // 16
-        pending = steps.PendingBatches(store.pending_bytes, store.thumbnail_size)
+        pending = pending_module.PendingBatches(store.pending_bytes, store.thumbnail_size)
         for i, (feats, logits, parsed) in enumerate(_batches(60, size=16)):   # fill everything
             if not pending.fits(feats, logits, store.needed(parsed)):
                 taken = pending.take()

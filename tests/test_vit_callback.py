@@ -150,4 +150,4 @@ def test_monitor_explains_transformer_on_patch_grid(family, tmp_path, monkeypatc
             f"{family}: expected the callback to pass protected_channels=split.prefix_channels "
             f"({prefix_channels}) to the search, but it passed {config.protected_channels}")
         # part prototypes describe cells by their patch channels only, not the prefix tokens
-        assert monitor._prototypes.prototypes.shape[1] == shape[1] - prefix_channels
+        assert monitor._ctx.prototypes.prototypes.shape[1] == shape[1] - prefix_channels

@@ -54,6 +54,12 @@ class EpochResult:
         failures: explanation failures of this epoch, as messages.
         elapsed_s: seconds spent explaining.
         method: search strategy name.
+        stage: ``"fit"`` (a validation while fitting), ``"validate"`` or ``"test"``.
+        dataloader_idx: the evaluation dataloader explained.
+        skipped_batches: batches left out of the collection, as ``(dataloader_idx, batch_idx,
+            reason)``.
+        notes: what else a reader should know (work cut by the time budget or an interrupt,
+            earlier explanations that were lost).
     """
 
     epoch: int
@@ -66,3 +72,7 @@ class EpochResult:
     failures: tuple[str, ...] = ()
     elapsed_s: float = 0.0
     method: str = "fgvce"
+    stage: str = "validate"
+    dataloader_idx: int = 0
+    skipped_batches: tuple[tuple[int, int, str], ...] = ()
+    notes: tuple[str, ...] = ()

@@ -33,7 +33,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 
 from .epoch import EpochResult
@@ -99,7 +99,7 @@ def _publish(tmp: Path, report_dir: Path, base: str) -> Path:
 
 
 def write_epoch_report(result: EpochResult, report_dir: Union[str, os.PathLike], *,
-                       html: bool = True, csv: bool = True) -> Path:
+                       html: bool = True, csv: bool = True, name: Optional[str] = None) -> Path:
     """Write ``report.json`` (and ``report.html``, ``edits.csv``) for one epoch, atomically.
 
     Everything is written into a hidden temporary directory inside ``report_dir`` and renamed to
@@ -112,6 +112,7 @@ def write_epoch_report(result: EpochResult, report_dir: Union[str, os.PathLike],
         report_dir: the directory holding the epoch directories (created if missing).
         html: also write the self-contained ``report.html``.
         csv: also write ``edits.csv``.
+        name: the directory's name (default ``epoch_<NNN>``, from ``result.epoch``).
 
     Returns:
         The epoch directory written.
@@ -124,7 +125,7 @@ def write_epoch_report(result: EpochResult, report_dir: Union[str, os.PathLike],
     text = json.dumps(report, indent=1, allow_nan=False, ensure_ascii=False)
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    base = f"epoch_{int(result.epoch):03d}"
+    base = name or f"epoch_{int(result.epoch):03d}"
     tmp = report_dir / f".{base}.{uuid.uuid4().hex}.tmp"
     tmp.mkdir()
     try:

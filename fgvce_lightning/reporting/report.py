@@ -107,7 +107,11 @@ def report_dict(result: EpochResult) -> dict:
         "flip_rate": _num(stats.flip_rate), "mean_edits": _num(stats.mean_edits),
         "semantic_consistency": _num(stats.semantic_consistency),
         "method": str(result.method), "elapsed_s": _num(result.elapsed_s),
+        "stage": str(result.stage), "dataloader_idx": int(result.dataloader_idx),
         "failures": [str(f) for f in result.failures],
+        "skipped_batches": [{"dataloader_idx": int(dl), "batch_idx": int(b), "reason": str(r)}
+                            for dl, b, r in result.skipped_batches],
+        "notes": [str(n) for n in result.notes],
         "class_names": None if names is None else [str(n) for n in names],
         "parts": [{"id": int(p.id), "name": str(p.name), "source": str(p.source)}
                   for p in stats.parts],

@@ -44,7 +44,8 @@ def epoch_scalars(result: EpochResult, prefix: str = "fgvce") -> dict[str, float
 
     Keys (``P`` is ``prefix``): ``P/flip_rate``, ``P/mean_edits``, ``P/explained``,
     ``P/misclassified``, ``P/skipped``, ``P/explained_fraction`` (explained / misclassified),
-    ``P/semantic_consistency`` (when part labels exist), ``P/failures``, ``P/explain_time_s``,
+    ``P/semantic_consistency`` (when part labels exist), ``P/failures``, ``P/skipped_batches``
+    (batches left out of the collection), ``P/explain_time_s``,
     ``P/part_error_share/<part>`` and ``P/part_contribution_share/<part>`` for every part (names
     made tag-safe with :func:`part_tag`). Values that are not finite (e.g. ``mean_edits`` of an
     epoch where nothing flipped) are left out rather than logged as ``nan``.
@@ -67,6 +68,7 @@ def epoch_scalars(result: EpochResult, prefix: str = "fgvce") -> dict[str, float
         "misclassified": stats.num_misclassified,
         "skipped": stats.num_skipped,
         "failures": len(result.failures),
+        "skipped_batches": len(result.skipped_batches),
         "explain_time_s": result.elapsed_s,
     }
     if stats.num_misclassified > 0:
@@ -94,7 +96,8 @@ def custom_scalars_layout(part_names: Iterable[str] = (), prefix: str = "fgvce")
     One category (``"part-error panels"``, suffixed with the prefix when it is not the default)
     holding multiline charts: all part error shares, all part contribution shares (both matched by
     a regex, so parts that appear later still show up), an overview (flip rate, mean edits),
-    explained vs misclassified, semantic consistency, and one chart per known part with its error
+    explained vs misclassified, semantic consistency, failures and skipped batches, and one chart
+    per known part with its error
     and contribution share.
 
     Args:
@@ -116,6 +119,8 @@ def custom_scalars_layout(part_names: Iterable[str] = (), prefix: str = "fgvce")
             "Multiline", [_exact(f"{prefix}/explained"), _exact(f"{prefix}/misclassified"),
                           _exact(f"{prefix}/skipped")]],
         "semantic consistency": ["Multiline", [_exact(f"{prefix}/semantic_consistency")]],
+        "failures, skipped batches": [
+            "Multiline", [_exact(f"{prefix}/failures"), _exact(f"{prefix}/skipped_batches")]],
     }
     seen = set()
     for name in part_names:

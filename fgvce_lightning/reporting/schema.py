@@ -69,6 +69,8 @@ _PAIR_STAT = {"type": "object", "required": ["true", "pred", "count"],
                              "part_counts": {"type": "object", "additionalProperties": _COUNT},
                              "dominant_parts": _STRS,
                              "examples": {"type": "array", "items": _COUNT}}}
+_SKIPPED = {"type": "object", "required": ["dataloader_idx", "batch_idx", "reason"],
+            "properties": {"dataloader_idx": _COUNT, "batch_idx": _COUNT, "reason": _STR}}
 _REPORT = {
     "type": "object",
     "required": ["schema_version", "epoch", "global_step", "feature_grid", "input_size",
@@ -78,6 +80,8 @@ _REPORT = {
         "feature_grid": _SIZE, "input_size": _SIZE, "num_misclassified": _COUNT,
         "num_explained": _COUNT, "num_skipped": _COUNT, "flip_rate": _PROB, "mean_edits": _NUM,
         "semantic_consistency": _PROB, "method": _STR, "elapsed_s": _NUM, "failures": _STRS,
+        "stage": _STR, "dataloader_idx": _COUNT,
+        "skipped_batches": {"type": "array", "items": _SKIPPED}, "notes": _STRS,
         "class_names": {"type": ["array", "null"], "items": _STR},
         "parts": {"type": "array", "items": _PART},
         "part_stats": {"type": "array", "items": _PART_STAT},

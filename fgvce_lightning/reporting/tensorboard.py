@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from torchvision.utils import make_grid
 
@@ -147,7 +147,7 @@ class TensorBoardReporter:
         return True
 
     def log_epoch(self, result: EpochResult, step: Optional[int] = None, *,
-                  scalars: bool = True) -> None:
+                  scalars: bool = True, should_stop: Optional[Callable[[], bool]] = None) -> int:
         """Write one epoch.
 
         Args:
@@ -155,7 +155,14 @@ class TensorBoardReporter:
             step: global step for the events (default ``result.global_step``).
             scalars: also write the scalars with ``add_scalar`` (set ``False`` when they already
                 went through the logger's ``log_metrics``, to avoid writing them twice).
+            should_stop: asked before each sample panel and the figures; once it returns
+                ``True`` nothing more is drawn (e.g. a time budget).
+
+        Returns:
+            The number of sample panels drawn.
         """
+        stop = should_stop or (lambda: False)
+        drawn = 0
         if not isinstance(result, EpochResult):
             raise TypeError(f"Expected `result` to be an EpochResult, but got {type(result).__name__}.")
         step = result.global_step if step is None else int(step)
@@ -167,13 +174,18 @@ class TensorBoardReporter:
                 w.add_scalar(tag, value, step)
         if hasattr(w, "add_image"):
             for slot, index in enumerate(select_samples(result, self.max_images)):
+                if stop():
+                    break
                 self._log_sample(result, index, slot, step)
-            for name, image in epoch_figure_images(result).items():
-                w.add_image(f"{p}/figures/{name}", image, step, dataformats="CHW")
+                drawn += 1
+            if not stop():
+                for name, image in epoch_figure_images(result).items():
+                    w.add_image(f"{p}/figures/{name}", image, step, dataformats="CHW")
         if hasattr(w, "add_text"):
             w.add_text(f"{p}/summary", markdown_summary(result), step)
         if hasattr(w, "flush"):
             w.flush()
+        return drawn
 
     def _log_sample(self, result: EpochResult, index: int, slot: int, step: int) -> None:
         panels = sample_panels(result.samples[index], result.feature_grid, size=self.panel_size)

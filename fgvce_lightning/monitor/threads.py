@@ -1,11 +1,13 @@
-"""Running an epoch's explanation off the training's critical path.
+"""The monitor's threads, kept off the training's critical path.
 
 :class:`FrozenModel` is a private copy of the model (weights refreshed in place each explained
-epoch) whose head the background search evaluates: the training keeps updating the live weights
-meanwhile, so the search must not read them. :class:`BackgroundJob` runs one epoch's work on a
-daemon thread (on its own CUDA stream on a GPU) and hands its result back to the training thread.
-:class:`SerialWorker` runs the per-batch bookkeeping of the collection, in order, on a thread of
-its own, so the validation loop does not wait for it.
+epoch) whose head a background search evaluates: the training keeps updating the live weights
+meanwhile, so the search must not read them. It also gives the float32 copy of the head for
+``head_precision="float32"``. :class:`BackgroundJob` runs one epoch's explanation on a daemon
+thread (on its own CUDA stream on a GPU) and can be asked to stop early. :class:`SerialWorker`
+runs the per-batch bookkeeping of the collection, in order, on a thread of its own.
+:func:`short_gil_turns` is the *opt-in* (``switch_interval_s=``) shortening of the interpreter's
+thread switch interval while those threads work: nothing else here changes process-wide settings.
 """
 
 from __future__ import annotations
@@ -17,45 +19,49 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from .engine.split import ModelSplit, split_model
+from ..engine.split import ModelSplit, split_model
 
-__all__ = ["FrozenModel", "BackgroundJob", "SerialWorker", "spare_cpu", "short_gil_turns"]
+__all__ = ["FrozenModel", "BackgroundJob", "SerialWorker", "spare_cpu", "short_gil_turns",
+           "SWITCH_INTERVAL_S"]
 
-#: the interpreter's thread switch interval (s) while one of our threads works; CPython's default
-#: is 0.005
+#: a short thread switch interval (s), as measured in ``benchmarks/bench_contention.py``;
+#: CPython's default is 0.005
 SWITCH_INTERVAL_S = 2e-4
 
 _turns_lock = threading.Lock()
 _turns_users = 0
 _turns_saved: Optional[float] = None
+_turns_value: Optional[float] = None
 
 
 @contextlib.contextmanager
-def short_gil_turns():
-    """Shorten the interpreter's thread switch interval to :data:`SWITCH_INTERVAL_S` while our
-    thread works (re-entrant across threads: the first to enter saves the interval, the last to
-    leave puts it back, unless someone else changed it meanwhile).
+def short_gil_turns(interval: Optional[float] = SWITCH_INTERVAL_S) -> Iterator[None]:
+    """Set the interpreter's thread switch interval to ``interval`` seconds while the body runs
+    (``None``: leave it alone). Re-entrant across threads: the first to enter saves the
+    interval, the last to leave puts it back unless someone else changed it meanwhile; an
+    interval already shorter is left as it is.
 
     A thread that waits for the GIL waits up to the switch interval (5 ms by default) before it
-    asks the holder to let go. Our threads run Python between their tensor operations (drawing,
-    encoding, bookkeeping), and the training thread takes the GIL back after *every* operation
-    it calls: with the default interval each of those can wait up to 5 ms. Measured by
-    ``benchmarks/bench_contention.py`` on the 2-core development machine, a training step of
-    the demo model took 87 ms alone, 505 ms beside a thread running pure Python, and 114 ms
-    with a 0.2 ms interval. The interval only changes which thread runs when, never what is
-    computed.
+    asks the holder to let go, and a training thread takes the GIL back after every tensor
+    operation, so a monitor thread running Python (drawing, bookkeeping) can cost it up to 5 ms
+    each time. This is a process-wide setting: the monitor changes it only when asked to
+    (``CounterfactualMonitor(switch_interval_s=...)``).
     """
-    global _turns_users, _turns_saved
+    global _turns_users, _turns_saved, _turns_value
+    if interval is None:
+        yield
+        return
     with _turns_lock:
         if _turns_users == 0:
             current = sys.getswitchinterval()
-            _turns_saved = current if current > SWITCH_INTERVAL_S else None
+            _turns_saved = current if current > interval else None
+            _turns_value = interval
             if _turns_saved is not None:
-                sys.setswitchinterval(SWITCH_INTERVAL_S)
+                sys.setswitchinterval(interval)
         _turns_users += 1
     try:
         yield
@@ -65,7 +71,7 @@ def short_gil_turns():
             if _turns_users == 0 and _turns_saved is not None:
                 # put it back unless the user set their own meanwhile (switch intervals are kept
                 # in microseconds, so compare loosely)
-                if abs(sys.getswitchinterval() - SWITCH_INTERVAL_S) < 1e-6:
+                if abs(sys.getswitchinterval() - _turns_value) < 1e-6:
                     sys.setswitchinterval(_turns_saved)
                 _turns_saved = None
 
@@ -95,14 +101,16 @@ class FrozenModel:
         split_options: the ``layer``/``features``/``head`` options the live model was split with.
             Explicit callables cannot be re-pointed at a copy unless the head is an ``nn.Module``.
         live_split: the live model's split (its ``prefix_channels`` and hook are kept).
+        dtype: cast the copy's floating-point parameters and buffers to this dtype (``None``:
+            keep the model's).
 
     Raises:
         ValueError: when the head cannot be copied (an explicit non-module head, a model that
-            does not deep-copy); the caller then explains synchronously.
+            does not deep-copy); the caller then explains on the live model.
     """
 
     def __init__(self, module: torch.nn.Module, split_options: dict[str, Any],
-                 live_split: ModelSplit) -> None:
+                 live_split: ModelSplit, dtype: Optional[torch.dtype] = None) -> None:
         head = split_options.get("head")
         if head is not None:
             if not isinstance(head, torch.nn.Module):
@@ -118,6 +126,8 @@ class FrozenModel:
         _strip_hooks(frozen)
         frozen.eval()
         frozen.requires_grad_(False)
+        if dtype is not None:
+            frozen.to(dtype)
         if head is not None:
             split = ModelSplit(live_split.features, frozen, None, live_split.description + " (frozen copy)",
                                prefix_channels=live_split.prefix_channels)
@@ -130,7 +140,9 @@ class FrozenModel:
             raise ValueError("the copy's parameters and buffers differ from the live model's")
         self.module = frozen
         self.split = split
+        self.dtype = dtype
         self._pairs = [(mine[k], live[k]) for k in live]
+        self._dtypes = [(m.dtype, v.dtype) for m, v in self._pairs]
 
     @property
     def nbytes(self) -> int:
@@ -144,10 +156,11 @@ class FrozenModel:
         return total
 
     def refresh(self) -> bool:
-        """Copy the live weights and buffers in place; ``False`` when their shapes, dtypes or
-        devices changed (build a new copy then)."""
-        for mine, live in self._pairs:
-            if mine.shape != live.shape or mine.dtype != live.dtype or mine.device != live.device:
+        """Copy the live weights and buffers in place (cast to the copy's dtypes); ``False`` when
+        their shapes, dtypes or devices changed (build a new copy then)."""
+        for (mine, live), (mine_dtype, live_dtype) in zip(self._pairs, self._dtypes):
+            if (mine.shape != live.shape or mine.device != live.device or mine.dtype != mine_dtype
+                    or live.dtype != live_dtype):
                 return False
         with torch.no_grad():
             for mine, live in self._pairs:
@@ -156,23 +169,28 @@ class FrozenModel:
 
 
 class BackgroundJob:
-    """Run ``fn()`` on a daemon thread; :meth:`wait` returns its result (``fn`` must not raise:
-    an exception that escapes anyway is returned as the result so the caller can count it).
+    """Run ``fn(stop)`` on a daemon thread; :meth:`wait` returns its result (``fn`` must not
+    raise: an exception that escapes anyway is returned as the result so the caller can count
+    it). ``stop`` is a :class:`threading.Event` that :meth:`cancel` sets: ``fn`` checks it
+    between its steps and winds down.
 
     On a CUDA ``device`` the thread works on its own stream, after the work the training queued
     so far on the current stream (the inputs it reads), and synchronises that stream before
-    reporting done. On Linux the thread lowers its own scheduling priority (``nice`` +10, inherited by
-    the threads its kernels start), so on a busy CPU the training's threads come first, and
-    shortens the interpreter's switch interval while it works (:func:`short_gil_turns`), so the
-    training thread does not queue behind it for the GIL.
+    reporting done. With ``low_priority`` (Linux) the thread lowers its own scheduling priority
+    (``nice`` +10, inherited by the threads its kernels start), so on a busy CPU the training's
+    threads come first. ``switch_interval_s`` applies :func:`short_gil_turns` while it works.
     """
 
-    def __init__(self, fn: Callable[[], Any], device: Optional[torch.device] = None,
-                 name: str = "fgvce-explain") -> None:
+    def __init__(self, fn: Callable[[threading.Event], Any], device: Optional[torch.device] = None,
+                 name: str = "fgvce-explain", low_priority: bool = True,
+                 switch_interval_s: Optional[float] = None) -> None:
         self._result: Any = None
         self._fn = fn
         self._stream = None
         self._ready = None
+        self._low_priority = low_priority
+        self._interval = switch_interval_s
+        self.stop = threading.Event()
         if device is not None and torch.device(device).type == "cuda":
             device = torch.device(device)
             self._stream = torch.cuda.Stream(device=device)
@@ -192,21 +210,26 @@ class BackgroundJob:
             pass
 
     def _run(self) -> None:
-        self._lower_priority()
+        if self._low_priority:
+            self._lower_priority()
         try:
-            with short_gil_turns():
+            with short_gil_turns(self._interval):
                 if self._stream is not None:
                     with torch.cuda.stream(self._stream):
                         self._stream.wait_event(self._ready)
-                        self._result = self._fn()
+                        self._result = self._fn(self.stop)
                     self._stream.synchronize()
                 else:
-                    self._result = self._fn()
+                    self._result = self._fn(self.stop)
         except BaseException as err:  # noqa: BLE001 - handed to the training thread, never raised here
             self._result = err
 
     def done(self) -> bool:
         return not self._thread.is_alive()
+
+    def cancel(self) -> None:
+        """Ask ``fn`` to stop at its next check (it keeps what it has finished)."""
+        self.stop.set()
 
     def wait(self, timeout: Optional[float] = None) -> Any:
         """Block until the job ends (or ``timeout`` seconds pass: then ``None``)."""
@@ -232,19 +255,22 @@ class SerialWorker:
     anyway is recorded in :attr:`errors` and the next task runs. On a GPU a task runs on the CUDA
     stream that was current when it was submitted, so its kernels are ordered after the work
     that produced its inputs, and any host synchronisation it does blocks the worker, not the
-    training thread. While a task runs, the switch interval is short (:func:`short_gil_turns`).
+    training thread.
 
     Args:
         max_pending: most tasks submitted but not finished.
         name: the thread's name.
+        switch_interval_s: :func:`short_gil_turns` while a task runs (``None``: not changed).
     """
 
-    def __init__(self, max_pending: int = 4, name: str = "fgvce-collect") -> None:
+    def __init__(self, max_pending: int = 4, name: str = "fgvce-collect",
+                 switch_interval_s: Optional[float] = None) -> None:
         if max_pending < 1:
             raise ValueError(f"Expected `max_pending` to be a positive integer, but got {max_pending}.")
         self.max_pending = int(max_pending)
         self.name = name
         self.errors: list[BaseException] = []
+        self._interval = switch_interval_s
         self._tasks: collections.deque = collections.deque()
         self._unfinished = 0
         self._cond = threading.Condition()
@@ -272,7 +298,7 @@ class SerialWorker:
                     self._cond.wait()
                 fn, stream = self._tasks.popleft()
             try:
-                with short_gil_turns():
+                with short_gil_turns(self._interval):
                     if stream is not None:
                         with torch.cuda.stream(stream):
                             fn()
