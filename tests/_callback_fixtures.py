@@ -136,3 +136,47 @@ def planted_val(n: int = 32) -> TensorDataset:
     wrong = torch.arange(n) % 4 == 0
     y[wrong] = (shown[wrong] + 1) % 3
     return TensorDataset(x, y)
+
+
+class PooledNet(nn.Module):
+    """Like :class:`TinyNet`, but its head pools the map to 2x2 (the planted quadrants), so it
+    takes any input size."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.MaxPool2d(4))
+        self.mix = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8 * 2 * 2, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.mix(f)), 2).flatten(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class PooledClassifier(TinyClassifier):
+    """A :class:`TinyClassifier` on :class:`PooledNet`, validating on several dataloaders."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, lr: float = 0.05) -> None:
+        super().__init__(num_classes, lr)
+        self.net = PooledNet(num_classes)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = _unpack(batch)
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def test_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = _unpack(batch)
+        self.log("test_loss", F.cross_entropy(self(x), y))
+
+
+def resized(loader: DataLoader, size: int) -> DataLoader:
+    """The same samples at ``size`` x ``size`` pixels (the planted patches scale with them)."""
+    x, y = loader.dataset.tensors
+    x = F.interpolate(x, size=(size, size), mode="nearest")
+    return DataLoader(TensorDataset(x, y), batch_size=loader.batch_size)

@@ -281,7 +281,8 @@ class CounterfactualMonitor(Callback):
                 rank_zero_info("CounterfactualMonitor: the test mistakes are not explained; pass "
                                "`explain_test=True` to explain them into <report_dir>/test_<NNN>/.")
         world = int(getattr(trainer, "world_size", 1) or 1)
-        hold = explain and self._runner.wants_background(stage == "fit", world)
+        hold = explain and self._runner.wants_background(stage == "fit", world,
+                                                         session.precision.global_dtype)
         session.start_epoch(trainer, pl_module, kind, stage, explain, hold)
 
     def _epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -289,7 +290,8 @@ class CounterfactualMonitor(Callback):
         if session is None:
             return
         world = int(getattr(trainer, "world_size", 1) or 1)
-        wanted = self._runner.wants_background(session.stage == "fit", world)
+        wanted = self._runner.wants_background(session.stage == "fit", world,
+                                               session.precision.global_dtype)
         ended = session.end_epoch(trainer, wanted)
         if ended is None:
             return

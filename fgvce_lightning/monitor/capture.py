@@ -47,7 +47,8 @@ class HeadPrecision:
     """
 
     def __init__(self, autocast: Optional[Callable[[], ContextManager]] = None,
-                 float32: bool = False) -> None:
+                 float32: bool = False, global_dtype: Optional[str] = None) -> None:
+        self.global_dtype = global_dtype    # the precision that sets torch's default dtype
         self._factory = autocast
         self._autocast = None if float32 else autocast
         self.float32 = float32
@@ -56,15 +57,18 @@ class HeadPrecision:
     def of(cls, trainer: "pl.Trainer", mode: str = "model") -> "HeadPrecision":
         """The trainer's precision: its plugin's autocast for mixed precision (a fresh,
         thread-local context each time, so it is safe on the background thread too)."""
-        from lightning.pytorch.plugins.precision import MixedPrecision
+        from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision
 
         plugin = trainer.precision_plugin
         autocast = plugin.autocast_context_manager if isinstance(plugin, MixedPrecision) else None
-        return cls(autocast, float32=mode == "float32")
+        # these set torch's process-wide default dtype during every forward of the training
+        # thread: a thread beside it would create its tensors in that dtype now and then
+        global_dtype = str(trainer.precision) if isinstance(plugin, (HalfPrecision, DoublePrecision)) else None
+        return cls(autocast, float32=mode == "float32", global_dtype=global_dtype)
 
     def as_model(self) -> "HeadPrecision":
         """The model's own precision (its autocast; no float32 copy)."""
-        return HeadPrecision(self._factory)
+        return HeadPrecision(self._factory, global_dtype=self.global_dtype)
 
     @property
     def mixed(self) -> bool:

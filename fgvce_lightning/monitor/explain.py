@@ -277,8 +277,10 @@ def _payload(collector: Optional[Collector], run: RunInfo, local: LocalResult,
 
 
 def build_result(ctx: ExplainContext, run: RunInfo, payloads: list[dict[str, Any]],
-                 dataloader_idx: int = 0, notes: tuple[str, ...] = ()) -> EpochResult:
-    """Merge the ranks' payloads into the run's :class:`EpochResult` (statistics included)."""
+                 dataloader_idx: int = 0, notes: tuple[str, ...] = (),
+                 stopped: str = "the time budget was spent") -> EpochResult:
+    """Merge the ranks' payloads into the run's :class:`EpochResult` (statistics included);
+    ``stopped`` says why a rank's search stopped early, if one did."""
     samples = [s for p in payloads for s in p["samples"]]
     many = len(payloads) > 1
     failures = [f"rank {p['rank']}: {f}" if many else f for p in payloads for f in p["failures"]]
@@ -292,8 +294,7 @@ def build_result(ctx: ExplainContext, run: RunInfo, payloads: list[dict[str, Any
     shaped = next((p for p in payloads if p.get("grid")), None)  # a rank may have seen no batch
     skipped = sorted({tuple(s) for p in payloads for s in p["skipped"]})
     if any(p["budget_hit"] for p in payloads):
-        notes = (*notes, "not every kept mistake was explained: the time budget "
-                         f"({ctx.config.time_budget_s:g} s) was spent or the run was interrupted")
+        notes = (*notes, f"not every kept mistake was explained: {stopped}")
     return EpochResult(epoch=int(run.current_epoch), global_step=int(run.global_step),
                        feature_grid=tuple(shaped["grid"]) if shaped else (1, 1),
                        input_size=tuple(shaped["input_size"]) if shaped else (1, 1),
@@ -335,5 +336,6 @@ def explain_run(ctx: ExplainContext, collectors: Mapping[int, Collector], run: R
             local.failures[:0] = failures
         samples, parts = make_samples(ctx, collector, run, local)
         payloads = gather(run, _payload(collector, run, local, samples, parts))
-        results.append(build_result(ctx, run, payloads, dl, tuple(run_notes) if dl == 0 else ()))
+        results.append(build_result(ctx, run, payloads, dl, tuple(run_notes) if dl == 0 else (),
+                                    stopped=deadline.why()))
     return results

@@ -93,14 +93,23 @@ class Runner:
         self.frozen, self.frozen_error = None, None
 
     # ------------------------------------------------------------------ the model
-    def wants_background(self, fitting: bool, world_size: int) -> bool:
+    def wants_background(self, fitting: bool, world_size: int,
+                         global_dtype: Optional[str] = None) -> bool:
         """Whether this run is to be explained in the background (:meth:`model_for` may still
-        fall back to the synchronous path)."""
-        if self.background is True and fitting and world_size > 1 and self.frozen_error is None:
-            self.frozen_error = "DDP"
-            warnings.warn("CounterfactualMonitor(background=True): under DDP the explanation "
-                          "runs synchronously (its collectives must stay on the training "
-                          "thread).", RuntimeWarning, stacklevel=3)
+        fall back to the synchronous path): never under DDP (the collectives must stay on the
+        training thread) nor under a precision that sets torch's default dtype (``global_dtype``:
+        ``"bf16-true"``, ``"16-true"``, ``"64-true"``)."""
+        if self.background is not False and fitting and self.frozen_error is None:
+            why = ("under DDP the explanation runs synchronously (its collectives must stay on "
+                   "the training thread)" if world_size > 1 else
+                   f"with precision={global_dtype!r} the explanation runs synchronously (Lightning "
+                   "sets torch's process-wide default dtype during every forward)"
+                   if global_dtype else None)
+            if why is not None:
+                self.frozen_error = why
+                if self.background is True:
+                    warnings.warn(f"CounterfactualMonitor(background=True): {why}.",
+                                  RuntimeWarning, stacklevel=3)
         return (self.background is not False and fitting and world_size == 1
                 and self.frozen_error is None)
 

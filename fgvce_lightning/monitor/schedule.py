@@ -128,4 +128,6 @@ class Deadline:
 
     def why(self) -> str:
         """Why :meth:`expired`: for the notes of the report."""
-        return "interrupted" if self.stopped else f"time budget ({self.budget_s:g} s) spent"
+        if self.stopped:
+            return "interrupted"
+        return "no limit" if self.budget_s is None else f"time budget ({self.budget_s:g} s) spent"

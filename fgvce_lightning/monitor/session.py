@@ -102,7 +102,9 @@ class Session:
         # the bookkeeping goes to the collection thread where it has a core of its own: on a GPU,
         # or on a CPU whose cores torch's threads do not all use (on a CPU it slows the forward
         # when they do: benchmarks/bench_callback.py)
+        # (not beside a precision that sets torch's process-wide default dtype in every forward)
         threaded = (m.collection_thread and self.config.background is not False and not self.sanity
+                    and self.precision.global_dtype is None
                     and (pl_module.device.type != "cpu" or threads.spare_cpu()))
         if threaded and self.worker is None:
             self.worker = SerialWorker(max_pending=1, switch_interval_s=self.config.switch_interval_s)
