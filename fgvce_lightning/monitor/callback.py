@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import lightning.pytorch as pl
@@ -21,16 +20,14 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..engine.search import SearchConfig
-from ..engine.split import split_model
 from ..parts import PartPrototypes
-from .checks import dry_check
+from .checks import dry_check, split_for
 from .config import Mechanisms, MonitorConfig, check_seed, make_search_config
 from .explain import ExplainContext
-from .publish import log_scalars, probe_report_dir
 from .runner import Outcome, Runner, explain_and_publish
 from .schedule import RunInfo, explains
 from .session import Session
-from .state import MonitorState, mark_lost, take_lost, unmark_lost
+from .state import MonitorState, take_lost, unmark_lost
 
 __all__ = ["CounterfactualMonitor"]
 
@@ -197,37 +194,17 @@ class CounterfactualMonitor(Callback):
         self._finish()
         session = self._session
         if session is None or session.owner is not pl_module:
-            try:
-                split = split_model(pl_module, **self.config.split_options)
-            except (TypeError, ValueError, AttributeError, KeyError) as err:
-                raise type(err)(
-                    f"CounterfactualMonitor could not split {type(pl_module).__name__} into features "
-                    f"and head: {err} Pass `layer='<module name>'` (a layer whose output is a "
-                    "(N, C, H, W) feature map) or `features=`/`head=` callables to "
-                    "CounterfactualMonitor.") from err
             if session is not None:
                 session.release()
-            session = self._session = Session(self.config, split, pl_module)
+            session = self._session = Session(self.config, split_for(pl_module, self.config),
+                                              pl_module)
             self._runner.reset()
         prefix = int(getattr(session.split, "prefix_channels", 0) or 0)
         if prefix and self._ctx.search.protected_channels != prefix:
             # a vision transformer's class/register tokens ride along as trailing channels: the
             # search must keep each query's own tokens (never match or swap them)
             self._ctx.search = dataclasses.replace(self._ctx.search, protected_channels=prefix)
-        # `trainer.log_dir` broadcasts under DDP: every rank must call it, here, together
-        log_dir = trainer.log_dir
-        root = self.config.report_dir or os.path.join(
-            log_dir if log_dir is not None else trainer.default_root_dir, "fgvce")
-        problem = None
-        if trainer.is_global_zero:
-            try:
-                probe_report_dir(root)
-            except ValueError as err:
-                problem = str(err)
-        problem = trainer.strategy.broadcast(problem, src=0)
-        if problem is not None:
-            raise ValueError(problem)
-        session.open(trainer, root)
+        session.open(trainer)
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # no sanity check ran (num_sanity_val_steps=0): check the configuration on one batch of
@@ -353,18 +330,10 @@ class CounterfactualMonitor(Callback):
     # ------------------------------------------------------------------ results
     def _record(self, outcome: Outcome) -> None:
         """Add an explained run to the state and, on rank 0, log its scalars (training thread)."""
-        run = outcome.run
-        for result, path in outcome.results:
-            self.state.record(result)
-            if run.is_global_zero:
-                log_scalars(result, run, self.config.prefix)
-                if path is not None and result.dataloader_idx == 0:
-                    self.last_report = path
         publisher = self._session.publisher if self._session is not None else None
-        if publisher is not None and publisher.failures:
-            self.state.total_failures += len(publisher.failures)
-            self.state.notes.extend(publisher.failures)
-            publisher.failures = []
+        path = self.state.record_outcome(outcome, self.config.prefix, publisher)
+        if path is not None:
+            self.last_report = path
 
     def _finish(self, timeout: Optional[float] = None, cancel: bool = False,
                 reason: str = "it did not finish in time") -> None:
@@ -372,24 +341,13 @@ class CounterfactualMonitor(Callback):
         run, out = self._runner.finish(timeout, cancel)
         if run is None:
             return
-        if out is None:
-            root = self._session.root if self._session is not None else None
-            message = f"the explanation of {run.describe()} was lost: {reason}"
-            if root is not None and run.is_global_zero:
-                message = mark_lost(root, run, f"{reason} ({timeout:.0f} s)")
-            warnings.warn(f"CounterfactualMonitor: {message}; the next report says so.",
-                          RuntimeWarning, stacklevel=3)
-            self.state.total_failures += 1
-            return
-        if isinstance(out, BaseException):
-            warnings.warn(f"CounterfactualMonitor: the background explanation of {run.describe()} "
-                          f"failed: {type(out).__name__}: {out} (training continues).",
-                          RuntimeWarning, stacklevel=3)
-            self.state.total_failures += 1
-            return
-        self._record(out)
-        if self._session is not None and self._session.root is not None and run.is_global_zero:
-            unmark_lost(self._session.root, run.report_name())
+        root = self._session.root if self._session is not None and run.is_global_zero else None
+        if isinstance(out, Outcome):
+            self._record(out)
+            if root is not None:
+                unmark_lost(root, run.report_name())       # (if an interrupt gave up on it)
+        else:
+            self.state.record_unfinished(run, out, root, f"{reason} ({timeout or 0:.0f} s)")
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

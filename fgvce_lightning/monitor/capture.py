@@ -27,7 +27,7 @@ from .batches import ParsedBatch
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["HeadPrecision", "Capture", "model_call"]
+__all__ = ["HeadPrecision", "Capture", "model_call", "check_logits"]
 
 
 @contextlib.contextmanager
@@ -36,6 +36,15 @@ def model_call(module: torch.nn.Module) -> Iterator[None]:
     RNG restored afterwards (a head with dropout in train mode would draw from it)."""
     with preserved_training_flags(module, eval_mode=False), preserved_rng_state([module.device]):
         yield
+
+
+def check_logits(logits: Any, n: int) -> torch.Tensor:
+    """``logits`` if they are ``(n, K)``, else an error that points at the model split."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != n:
+        raise ValueError(f"Expected the head to return logits of shape ({n}, num_classes), but "
+                         f"got {getattr(logits, 'shape', type(logits).__name__)}. Check the model "
+                         "split (`layer`/`features`/`head`).")
+    return logits
 
 
 class HeadPrecision:
@@ -228,11 +237,7 @@ class Capture:
         else:
             with model_call(pl_module):
                 logits = head(feats)
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != feats.shape[0]:
-            raise ValueError(f"Expected the head to return logits of shape ({feats.shape[0]}, "
-                             f"num_classes), but got {getattr(logits, 'shape', type(logits).__name__)}. "
-                             "Check the model split (`layer`/`features`/`head`).")
-        return logits
+        return check_logits(logits, feats.shape[0])
 
     def _locate(self, pl_module: "pl.LightningModule", images: torch.Tensor) -> None:
         """For splits without a hook module (e.g. ``forward_features``), find the module whose

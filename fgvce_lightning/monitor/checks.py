@@ -19,8 +19,9 @@ import torch
 
 from ..engine._util import preserved_training_flags
 from ..engine.search import SearchConfig
+from ..engine.split import ModelSplit, split_model
 from .batches import ParsedBatch, parse_batch
-from .capture import Capture, HeadPrecision
+from .capture import Capture, HeadPrecision, check_logits
 from .config import MonitorConfig
 from .pending import PendingBatches
 from .stores import Stores, plan_stores
@@ -28,7 +29,18 @@ from .stores import Stores, plan_stores
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["build_stores", "dry_check", "first_loader"]
+__all__ = ["split_for", "build_stores", "dry_check", "first_loader"]
+
+
+def split_for(pl_module: torch.nn.Module, config: MonitorConfig) -> ModelSplit:
+    """The model's split, or an error that lists the ways to split it."""
+    try:
+        return split_model(pl_module, **config.split_options)
+    except (TypeError, ValueError, AttributeError, KeyError) as err:
+        raise type(err)(
+            f"CounterfactualMonitor could not split {type(pl_module).__name__} into features and "
+            f"head: {err} Pass `layer='<module name>'` (a layer whose output is a (N, C, H, W) "
+            "feature map) or `features=`/`head=` callables to CounterfactualMonitor.") from err
 
 
 def _part_source(config: MonitorConfig, parsed: ParsedBatch) -> tuple[str, int]:
@@ -166,11 +178,7 @@ def dry_check(trainer: "pl.Trainer", pl_module: "pl.LightningModule", config: Mo
         feats = feats.detach()
         logits = HeadPrecision.of(trainer).head(capture.split.head, feats.dtype)
         with preserved_training_flags(pl_module), torch.no_grad():
-            out = logits(feats)
-        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != feats.shape[0]:
-            raise ValueError(f"Expected the head to return logits of shape ({feats.shape[0]}, "
-                             f"num_classes), but got {getattr(out, 'shape', type(out).__name__)}. "
-                             "Check the model split (`layer`/`features`/`head`).")
+            out = check_logits(logits(feats), feats.shape[0])
         build_stores(config, search, parsed, feats, out, device=device,
                      world_size=int(getattr(trainer, "world_size", 1) or 1),
                      num_loaders=len(trainer.num_val_batches) or 1, allocate=False)

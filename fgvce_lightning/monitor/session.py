@@ -11,6 +11,7 @@ which hands the run to the :class:`~fgvce_lightning.monitor.runner.Runner`.
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -22,7 +23,7 @@ from .capture import Capture, HeadPrecision
 from .checks import build_stores
 from .collector import Collector
 from .config import MonitorConfig
-from .publish import Publisher
+from .publish import Publisher, probe_report_dir
 from .schedule import RunInfo
 from . import threads
 from .threads import SerialWorker
@@ -65,8 +66,23 @@ class Session:
     def split(self) -> ModelSplit:
         return self.capture.split
 
-    def open(self, trainer: "pl.Trainer", root: str) -> None:
-        """Attach to a trainer: its precision and the report directory ``root``."""
+    def open(self, trainer: "pl.Trainer") -> None:
+        """Attach to a trainer: its precision, and the report directory (``report_dir``, or
+        ``<trainer.log_dir>/fgvce``), created and probed by rank 0; a problem with it raises on
+        every rank."""
+        # `trainer.log_dir` broadcasts under DDP: every rank must call it, here, together
+        log_dir = trainer.log_dir
+        root = self.config.report_dir or os.path.join(
+            log_dir if log_dir is not None else trainer.default_root_dir, "fgvce")
+        problem = None
+        if trainer.is_global_zero:
+            try:
+                probe_report_dir(root)
+            except ValueError as err:
+                problem = str(err)
+        problem = trainer.strategy.broadcast(problem, src=0)
+        if problem is not None:
+            raise ValueError(problem)
         self.root = root
         self.publisher = Publisher(root, self.config.prefix, self.config.log_images,
                                    self.config.report_html)

@@ -14,11 +14,16 @@ import json
 import os
 import threading
 import warnings
-from typing import Any, Mapping, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from ..parts import PartHistory
 from ..reporting.epoch import EpochResult
 from .schedule import RunInfo
+
+if TYPE_CHECKING:
+    from .publish import Publisher
+    from .runner import Outcome
 
 __all__ = ["MonitorState", "summary", "mark_lost", "unmark_lost", "take_lost", "STATE_VERSION"]
 
@@ -74,6 +79,40 @@ class MonitorState:
                 self.step_history.update(result.global_step, result.stats)
         self.summaries.append(summary(result))
         self.total_failures += len(result.failures)
+
+    def record_outcome(self, outcome: "Outcome", prefix: str,
+                       publisher: Optional["Publisher"] = None) -> Optional[Path]:
+        """Add an explained run; on rank 0 log its scalars (training thread: loggers are not
+        thread-safe) and count the reports that failed to write (noted in the next report).
+        Returns the first dataloader's report directory, if written."""
+        from .publish import log_scalars
+
+        run, first = outcome.run, None
+        for result, path in outcome.results:
+            self.record(result)
+            if run.is_global_zero:
+                log_scalars(result, run, prefix)
+                if path is not None and result.dataloader_idx == 0:
+                    first = path
+        if publisher is not None and publisher.failures:
+            self.total_failures += len(publisher.failures)
+            self.notes.extend(publisher.failures)
+            publisher.failures = []
+        return first
+
+    def record_unfinished(self, run: RunInfo, error: Optional[BaseException], root: Optional[str],
+                          reason: str) -> None:
+        """A background explanation that failed (``error``) or was given up on (``None``: marked
+        lost under ``root`` for the next report); counted, warned about."""
+        if error is not None:
+            message = (f"the background explanation of {run.describe()} failed: "
+                       f"{type(error).__name__}: {error} (training continues)")
+        elif root is not None:
+            message = mark_lost(root, run, reason) + "; the next report says so"
+        else:
+            message = f"the explanation of {run.describe()} was lost: {reason}"
+        warnings.warn(f"CounterfactualMonitor: {message}.", RuntimeWarning, stacklevel=4)
+        self.total_failures += 1
 
     def state_dict(self, prototypes: Mapping[str, Any], pending: list[dict[str, Any]]) -> dict[str, Any]:
         return {"version": STATE_VERSION, "num_explained_epochs": self.num_explained_epochs,
