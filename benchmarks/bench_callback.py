@@ -26,6 +26,17 @@ alike), and prints the median over every repeat's epochs 1.. of the validation-e
 the first callback's epoch start, so it includes any wait for the previous epoch's background
 explanation, to the last callback's epoch end) and of the whole-epoch wall time (training +
 validation), each as a ratio to the run without the monitor, and the ratio per repeat.
+
+Each of the monitor's mechanisms can be measured on and off (``--ab``): every name adds one fit
+per repeat with that mechanism off (``switch_interval``: with the opt-in
+``switch_interval_s=2e-4`` on), all else as the default. ``--model resnet18`` measures a
+torchvision ResNet-18 (random weights, never downloaded; ``--image-size 112``) instead of the
+demo CNN; ``--skip-validate`` goes straight to the fit comparison. A/B of every mechanism on
+both models, at 1 and 2 torch threads::
+
+    python benchmarks/bench_callback.py --threads 1 --skip-validate --ab all
+    python benchmarks/bench_callback.py --threads 1 --skip-validate --ab all --model resnet18 \
+        --image-size 112 --num-train 512 --num-val 256 --fit-epochs 4
 """
 
 from __future__ import annotations
@@ -43,10 +54,46 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from fgvce_lightning.callback import CounterfactualMonitor
+from fgvce_lightning import CounterfactualMonitor
 from fgvce_lightning.datasets import PART_NAMES
 from fgvce_lightning.datasets.synthetic import make_dataloaders
-from fgvce_lightning.demo import train_demo
+from fgvce_lightning.demo import DemoClassifier, train_demo
+from fgvce_lightning.monitor import Mechanisms
+
+#: ``--ab`` names: the private switches of ``Mechanisms`` (measured off), and the opt-in switch
+#: interval (measured on)
+MECHANISMS = ("waiting_sets", "held_sets", "collection_thread", "low_priority", "reuse_logits",
+              "switch_interval")
+
+
+def _ab_runs(names) -> list:
+    """The fit runs of ``--ab``: ``(name, CounterfactualMonitor keyword arguments)``."""
+    runs = []
+    for name in names:
+        if name == "switch_interval":
+            runs.append(("switch_interval", {"switch_interval_s": 2e-4}))
+        else:
+            runs.append((f"no_{name}", {"_mechanisms": Mechanisms(**{name: False})}))
+    return runs
+
+
+class ResNetClassifier(L.LightningModule):
+    """A torchvision ResNet-18 with random weights, trained like the demo (AdamW, one cycle)."""
+
+    def __init__(self, num_classes: int = 8, lr: float = 1e-3, weight_decay: float = 1e-4) -> None:
+        super().__init__()
+        import torchvision
+
+        self.save_hyperparameters()
+        self.model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+
+    def forward(self, x):
+        return self.model(x)
+
+    _step = DemoClassifier._step
+    training_step = DemoClassifier.training_step
+    validation_step = DemoClassifier.validation_step
+    configure_optimizers = DemoClassifier.configure_optimizers
 
 
 def _rss_mb() -> float:
@@ -70,8 +117,8 @@ class _Clock(L.Callback):
         if self.monitor is not None:
             # the last batches still wait to be stored, or are on the monitor's collection thread:
             # collection ends when they are stored (the monitor's own epoch end would do it next)
-            self.monitor._flush_pending()
-            self.monitor._drain_collection()
+            for collector in self.monitor._session.collectors.values():
+                collector.finish(for_job=False)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.collected = time.perf_counter()
@@ -124,17 +171,18 @@ class _EpochClockEnd(L.Callback):
             self.clock.val.append(self.clock._now() - self.clock.val_start)
 
 
-def _fit_once(args, model, train, val, root: str, name: str, background, repeat: int) -> dict:
-    """One seeded fit of a copy of ``model``; per-epoch validation and whole-epoch times."""
+def _fit_once(args, model, train, val, root: str, name: str, options, repeat: int) -> dict:
+    """One seeded fit of a copy of ``model`` (with a monitor made with ``options``, unless
+    ``None``); per-epoch validation and whole-epoch times."""
     L.seed_everything(1, verbose=False)
     clock = _EpochClock()
     callbacks = [clock]
     monitor = None
-    if background is not None:
+    if options is not None:
         monitor = CounterfactualMonitor(max_samples=args.max_samples, part_names=PART_NAMES,
                                         report_html=args.report_html, log_images=args.log_images,
-                                        background=background,
-                                        report_dir=os.path.join(root, f"fit_{name}_{repeat}"))
+                                        report_dir=os.path.join(root, f"fit_{name}_{repeat}"),
+                                        **options)
         callbacks.append(monitor)
         hook_s = _time_hooks(monitor, ("on_validation_epoch_start", "on_validation_epoch_end",
                                        "on_validation_batch_start", "on_validation_batch_end"))
@@ -166,13 +214,16 @@ def fit_benchmark(args, model, train, val, root: str) -> dict:
     """Train copies of ``model`` without / with the monitor (background, synchronous),
     ``--fit-repeats`` times in turn, so that drift of the machine's speed affects all alike."""
     med = statistics.median
-    runs = (("without", None), ("background", True), ("synchronous", False))
+    runs = [("without", None), ("background", {})]
+    if not args.no_sync:
+        runs.append(("synchronous", {"background": False}))
+    runs += _ab_runs(args.ab)
     pooled: dict = {name: [] for name, _ in runs}
     shuffle_state = train.generator.get_state()
     for repeat in range(args.fit_repeats):
-        for name, background in runs:
+        for name, options in runs:
             train.generator.set_state(shuffle_state)            # the same batches in every run
-            pooled[name].append(_fit_once(args, model, train, val, root, name, background, repeat))
+            pooled[name].append(_fit_once(args, model, train, val, root, name, options, repeat))
     reference = pooled["without"][0]["weights"]
     same = all(all(torch.equal(a, b) for a, b in zip(reference, run["weights"]))
                for name in pooled for run in pooled[name])
@@ -196,8 +247,8 @@ def fit_benchmark(args, model, train, val, root: str) -> dict:
     print(f"\nfit: {args.fit_epochs} epochs x {args.fit_repeats} repeats per run, {args.num_train} "
           f"training / {args.num_val} validation images, {args.max_samples} mistakes explained per "
           f"epoch (medians over epochs 1..{n} of every repeat; weights identical in all "
-          f"{3 * args.fit_repeats} fits: {same})")
-    print(f"{'run':>12} {'val epoch s':>11} {'ratio':>6} {'whole epoch s':>13} {'ratio':>6} "
+          f"{len(runs) * args.fit_repeats} fits: {same})")
+    print(f"{'run':>22} {'val epoch s':>11} {'ratio':>6} {'whole epoch s':>13} {'ratio':>6} "
           f"{'explained':>9} {'bg explain s':>12}")
     for name, row in out.items():
         row["val_ratio"] = row["val_s"] / base["val_s"]
@@ -206,21 +257,21 @@ def fit_benchmark(args, model, train, val, root: str) -> dict:
         row["val_low_ratio"] = row["val_low_s"] / base["val_low_s"]
         row["epoch_low_ratio"] = row["epoch_low_s"] / base["epoch_low_s"]
         bg = "" if row["background_s"] is None else f"{row['background_s']:.2f}"
-        print(f"{name:>12} {row['val_s']:>11.3f} {row['val_ratio']:>6.3f} {row['epoch_s']:>13.3f} "
+        print(f"{name:>22} {row['val_s']:>11.3f} {row['val_ratio']:>6.3f} {row['epoch_s']:>13.3f} "
               f"{row['epoch_ratio']:>6.3f} {row['explained_epochs']:>9} {bg:>12}")
     for name, row in out.items():
-        print(f"{name:>12} lower quartiles: validation epoch {row['val_low_s']:.3f} s (ratio "
+        print(f"{name:>22} lower quartiles: validation epoch {row['val_low_s']:.3f} s (ratio "
               f"{row['val_low_ratio']:.3f}), whole epoch {row['epoch_low_s']:.3f} s (ratio "
               f"{row['epoch_low_ratio']:.3f})")
     for name, row in out.items():
-        print(f"{name:>12} validation-epoch ratio per repeat: "
+        print(f"{name:>22} validation-epoch ratio per repeat: "
               + " ".join(f"{v:.3f}" for v in row["val_ratio_per_repeat"]))
     for name, row in out.items():
         for r, (vals, whole) in enumerate(zip(row["val_per_epoch"], row["epoch_per_epoch"])):
-            print(f"{name:>12} repeat {r}: validation " + " ".join(f"{v:.3f}" for v in vals)
+            print(f"{name:>22} repeat {r}: validation " + " ".join(f"{v:.3f}" for v in vals)
                   + " | whole " + " ".join(f"{v:.3f}" for v in whole))
-    for name in ("background", "synchronous"):
-        print(f"{name:>12}: the monitor's validation epoch start (waits for the previous epoch's "
+    for name in (n for n, _ in runs[1:]):
+        print(f"{name:>22}: the monitor's validation epoch start (waits for the previous epoch's "
               f"background explanation) {out[name]['monitor_epoch_start_s'] * 1e3:.1f} ms, its epoch "
               f"end (stores the last batches; explains or starts the background job) "
               f"{out[name]['monitor_epoch_end_s'] * 1e3:.1f} ms, its batch hooks "
@@ -260,48 +311,39 @@ def _time_hooks(monitor, names) -> dict:
     return times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20, help="validation epochs per setting")
-    parser.add_argument("--max-samples", type=int, default=64)
-    parser.add_argument("--num-val", type=int, default=1000)
-    parser.add_argument("--num-train", type=int, default=2000)
-    parser.add_argument("--train-epochs", type=int, default=10,
-                        help="epochs of the demo's training recipe before measuring")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--accelerator", default="auto")
-    parser.add_argument("--report-html", action="store_true", help="also write report.html")
-    parser.add_argument("--log-images", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads (1 avoids oversubscription on a busy machine)")
-    parser.add_argument("--fit-epochs", type=int, default=6,
-                        help="epochs of the fit comparison (step 4); 0 skips it")
-    parser.add_argument("--fit-repeats", type=int, default=3,
-                        help="times the three fits of step 4 run, in turn")
-    parser.add_argument("--collection", choices=["thread", "inline"], default="thread",
-                        help="validate mode: per-batch bookkeeping on the monitor's collection "
-                             "thread (the default, background='auto') or inline on the validation "
-                             "loop (background=False)")
-    parser.add_argument("--json", default=None, help="also write the numbers to this file")
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def _model_and_data(args, root: str):
+    """The model measured (the demo CNN trained by the demo's recipe, or a ResNet-18 with
+    random weights, trained ``--train-epochs`` if asked) and the data loaders."""
+    dataset = {"image_size": args.image_size}
+    started = time.perf_counter()
+    if args.model == "demo":
+        _, model = train_demo(max_epochs=max(1, args.train_epochs), num_train=args.num_train,
+                              num_val=args.num_val, seed=0, accelerator=args.accelerator,
+                              enable_progress_bar=False, default_root_dir=root, logger=False,
+                              enable_checkpointing=False, limit_val_batches=0,
+                              dataset_kwargs=dataset)
+    else:
+        L.seed_everything(0, verbose=False)
+        model = ResNetClassifier()
+        if args.train_epochs > 0:
+            train, _ = make_dataloaders(args.num_train, args.num_val, batch_size=args.batch_size,
+                                        seed=0, **dataset)
+            L.Trainer(max_epochs=args.train_epochs, accelerator=args.accelerator, devices=1,
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0,
+                      default_root_dir=root).fit(model, train)
+    print(f"{args.model} model at {args.image_size} px ({args.train_epochs} training epochs, "
+          f"{args.num_train} images) ready in {time.perf_counter() - started:.0f} s")
+    L.seed_everything(0, verbose=False)
+    train, val = make_dataloaders(args.num_train, args.num_val, batch_size=args.batch_size, seed=0,
+                                  **dataset)
+    return model, train, val
 
-    root = tempfile.mkdtemp(prefix="bench_callback_")
+
+def validate_benchmark(args, model, val, root: str, device: str) -> dict:
+    """Steps 1-3: ``trainer.validate`` without and with the monitor, alternating."""
     common = dict(accelerator=args.accelerator, devices=1, enable_progress_bar=False,
                   enable_model_summary=False, default_root_dir=root)
-    started = time.perf_counter()
-    _, model = train_demo(max_epochs=args.train_epochs, num_train=args.num_train,
-                          num_val=args.num_val, seed=0, accelerator=args.accelerator,
-                          enable_progress_bar=False, default_root_dir=root, logger=False,
-                          enable_checkpointing=False, limit_val_batches=0)
-    print(f"demo model trained ({args.train_epochs} epochs, {args.num_train} images) in "
-          f"{time.perf_counter() - started:.0f} s")
-    L.seed_everything(0, verbose=False)
-    train, val = make_dataloaders(args.num_train, args.num_val, batch_size=args.batch_size, seed=0)
-    device = "cuda" if torch.cuda.is_available() and args.accelerator in ("auto", "gpu", "cuda") else "cpu"
-
     # warm-up (allocator, lazy imports), then the two alternately, epoch by epoch, so that drift
     # of the machine's speed affects both alike
     base_clock, base_stop = _Clock(), _Stop()
@@ -335,10 +377,10 @@ def main() -> None:
     last = monitor.last_result
 
     med = statistics.median
-    used = "thread" if monitor._collector is not None else "inline"   # the monitor decides
+    used = "thread" if monitor._session.worker is not None else "inline"   # the monitor decides
     print(f"torch threads={torch.get_num_threads()}  collection={used}  device={device}  val images={args.num_val}  batch={args.batch_size}  "
           f"epochs={args.epochs}  max_samples={args.max_samples}  "
-          f"bank capacity/class={monitor._store.bank.capacity_per_class}")
+          f"bank capacity/class={monitor._session.collectors[0].stores.bank.capacity_per_class}")
     print(f"mistakes per epoch: {last.stats.num_misclassified}, explained {last.stats.num_explained} "
           f"(skipped {last.stats.num_skipped}), flip rate {last.stats.flip_rate:.2f}, "
           f"search time {last.elapsed_s:.2f} s")
@@ -348,7 +390,7 @@ def main() -> None:
         print(f"{i:>5} {base[i]:>8.3f} {collect[i]:>9.3f} {explain[i]:>9.3f} {total[i]:>8.3f} "
               f"{held[i] / 2 ** 20:>8.2f} {rss[i]:>8.1f}" + (f" {gpu[i]:>11.1f}" if gpu else ""))
     numbers = {
-        "device": device, "baseline_s": med(base), "collect_s": med(collect),
+        "baseline_s": med(base), "collect_s": med(collect),
         "explain_s": med(explain), "total_s": med(total),
         "collection_ratio": med(collect) / med(base), "total_ratio": med(total) / med(base),
         "baseline_low_s": _low(base), "collect_low_s": _low(collect),
@@ -370,6 +412,55 @@ def main() -> None:
     print(f"memory held by the monitor: {held[0] / 2 ** 20:.2f} MB → {held[-1] / 2 ** 20:.2f} MB; "
           f"RSS epoch 1 → {args.epochs - 1}: {numbers['rss_mb_second_last'][0]:.1f} → "
           f"{numbers['rss_mb_second_last'][1]:.1f} MB")
+    return numbers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=20, help="validation epochs per setting")
+    parser.add_argument("--max-samples", type=int, default=64)
+    parser.add_argument("--num-val", type=int, default=1000)
+    parser.add_argument("--num-train", type=int, default=2000)
+    parser.add_argument("--train-epochs", type=int, default=10,
+                        help="epochs of the demo's training recipe before measuring")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--report-html", action="store_true", help="also write report.html")
+    parser.add_argument("--log-images", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (1 avoids oversubscription on a busy machine)")
+    parser.add_argument("--fit-epochs", type=int, default=6,
+                        help="epochs of the fit comparison (step 4); 0 skips it")
+    parser.add_argument("--fit-repeats", type=int, default=3,
+                        help="times the three fits of step 4 run, in turn")
+    parser.add_argument("--collection", choices=["thread", "inline"], default="thread",
+                        help="validate mode: per-batch bookkeeping on the monitor's collection "
+                             "thread (the default, background='auto') or inline on the validation "
+                             "loop (background=False)")
+    parser.add_argument("--model", choices=["demo", "resnet18"], default="demo",
+                        help="the demo's SmallCNN, or a torchvision ResNet-18 (random weights)")
+    parser.add_argument("--image-size", type=int, default=64,
+                        help="SyntheticBirds image side (e.g. 112 for the ResNet-18)")
+    parser.add_argument("--ab", default="", type=lambda v: list(MECHANISMS) if v == "all" else
+                        [m for m in v.split(",") if m],
+                        help=f"comma-separated mechanisms to A/B in the fit comparison (one more "
+                             f"fit each per repeat), or 'all': {', '.join(MECHANISMS)}")
+    parser.add_argument("--no-sync", action="store_true",
+                        help="leave the synchronous (background=False) fit out of step 4")
+    parser.add_argument("--skip-validate", action="store_true",
+                        help="skip steps 1-3 (trainer.validate with and without the monitor)")
+    parser.add_argument("--json", default=None, help="also write the numbers to this file")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    root = tempfile.mkdtemp(prefix="bench_callback_")
+    model, train, val = _model_and_data(args, root)
+    device = "cuda" if torch.cuda.is_available() and args.accelerator in ("auto", "gpu", "cuda") else "cpu"
+    numbers: dict = {"device": device, "model": args.model}
+    if not args.skip_validate:
+        numbers.update(validate_benchmark(args, model, val, root, device))
     if args.fit_epochs > 0:
         numbers["fit"] = fit_benchmark(args, model, train, val, root)
     if args.json:
