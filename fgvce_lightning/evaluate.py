@@ -36,7 +36,7 @@ from torch import nn
 from .engine import (Explanation, ModelSplit, ReferenceBank, SearchConfig, counterfactual_search,
                      greedy_search, split_model)
 from .engine._util import evaluate_head, preserved_training_flags
-from .engine.candidates import match_cells, reference_cell_scores, select_candidates
+from .engine.correspondence import align_references
 from .metrics import (deletion_insertion_auc, edits_to_flip, flip_rate, near_part_hit_rate,
                       same_part_hit_rate)
 from .parts.annotations import keypoints_to_cell_parts, masks_to_cell_parts
@@ -211,22 +211,18 @@ def _collect(split: ModelSplit, loader: Iterable, bank_per_class: int, device: t
 
 def _absent(head: Any, bank: ReferenceBank, queries: torch.Tensor, true: torch.Tensor,
             pred: torch.Tensor, config: SearchConfig) -> torch.Tensor:
-    """What each query cell becomes when "absent": its most cosine-similar cell among the
-    ``absent_fraction`` of reference cells with most evidence for ``true`` over ``pred`` (by default
-    all) in the bank's maps of its true class, exactly as the FG-VCE search defines it. The same maps serve
-    every ranking, so their AUCs compare the rankings only."""
+    """What each query cell becomes when "absent": its corresponding cell in the best-aligned
+    reference of its true class, exactly as the FG-VCE search defines it. The same maps serve every
+    ranking, so their AUCs compare the rankings only."""
     n, c, h, w = queries.shape
     refs, _, valid = bank.gather(true.to(bank.device))
     refs, valid = refs.to(queries.device, torch.float32), valid.to(queries.device)
     if refs.shape[1] == 0:
         return queries.clone()
-    scores = reference_cell_scores(head, refs, valid, true, pred, chunk_size=config.chunk_size)
-    cand = select_candidates(scores, valid, config.absent_fraction, (h, w))
-    best_sim, best_cell = match_cells(queries, refs, cand, config.max_offset)    # (N, HW, K)
-    top_ref = best_sim.argmax(2)
-    top_cell = best_cell.gather(2, top_ref[:, :, None]).squeeze(2)
-    rows = torch.arange(n, device=queries.device)[:, None]
-    absent = refs.flatten(3)[rows, top_ref, :, top_cell].transpose(1, 2).reshape(n, c, h, w)
+    _, _, aligned = align_references(queries.float(), refs, valid, max_shift=config.max_shift,
+                                     mirror=config.mirror, channels=c - config.protected_channels,
+                                     keep=1)
+    absent = aligned[:, 0].reshape(n, c, h, w)
     none = ~valid.any(1)               # no reference of the class: nothing changes
     return torch.where(none[:, None, None, None], queries, absent)
 

@@ -16,6 +16,7 @@ import torch
 
 from ..engine.results import Explanation
 from .annotations import cell_part_names, part_ids_to_cell_parts
+from .types import BACKGROUND
 
 __all__ = ["PartAssignment", "assign_parts", "as_cell_parts"]
 
@@ -27,7 +28,9 @@ class PartAssignment:
     """Part names for one explanation.
 
     Attributes:
-        edit_parts: per edit, the sorted, deduplicated part names of its query cells.
+        edit_parts: per edit, the sorted, deduplicated part names of its query cells
+            (:data:`~fgvce_lightning.parts.types.BACKGROUND` for a cell that carries no part, so
+            every edit has at least one).
         reference_parts: per edit, the part names of its reference cells; ``()`` (length 0, not
             one entry per edit) when the reference labels are unknown for any of its edits.
         cell_parts: ``H×W`` lists of part-name tuples of the query's cells (``None`` for a
@@ -63,8 +66,11 @@ def _names_at(labels: torch.Tensor, cells: Sequence[tuple[int, int]], names: Seq
     if not cells:
         return ()
     idx = torch.as_tensor(cells, dtype=torch.long)
-    present = labels[:, idx[:, 0], idx[:, 1]].any(dim=1)
-    return tuple(sorted({names[p] for p in present.nonzero().flatten().tolist()}))
+    carried = labels[:, idx[:, 0], idx[:, 1]]                             # (P, cells)
+    found = {names[p] for p in carried.any(dim=1).nonzero().flatten().tolist()}
+    if not bool(carried.any(dim=0).all()):    # a cell that carries no part is background
+        found.add(BACKGROUND)
+    return tuple(sorted(found))
 
 
 def _lookup(reference_labels: ReferenceLabels, key: tuple) -> Optional[torch.Tensor]:

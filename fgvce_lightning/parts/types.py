@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = ["PartInfo", "PartStat", "PairStat", "EpochStats"]
+__all__ = ["BACKGROUND", "PartInfo", "PartStat", "PairStat", "EpochStats"]
+
+BACKGROUND = "background"
+"""The part name of a cell that no annotated part (and no prototype but the background one) covers."""
 
 
 @dataclass(frozen=True)
