@@ -35,11 +35,15 @@ class PartAssignment:
             one entry per edit) when the reference labels are unknown for any of its edits.
         cell_parts: ``H×W`` lists of part-name tuples of the query's cells (``None`` for a
             skipped explanation).
+        consistent_cells: per edit, how many of its cells carry a part in common with the
+            reference cell that replaced them (background counts as a part); ``()`` when the
+            reference labels are unknown, like ``reference_parts``.
     """
 
     edit_parts: tuple[tuple[str, ...], ...]
     reference_parts: tuple[tuple[str, ...], ...]
     cell_parts: Optional[list]
+    consistent_cells: tuple[int, ...] = ()
 
 
 def as_cell_parts(labels: torch.Tensor, num_parts: int, name: str = "labels") -> torch.Tensor:
@@ -71,6 +75,22 @@ def _names_at(labels: torch.Tensor, cells: Sequence[tuple[int, int]], names: Seq
     if not bool(carried.any(dim=0).all()):    # a cell that carries no part is background
         found.add(BACKGROUND)
     return tuple(sorted(found))
+
+
+def _with_background(labels: torch.Tensor) -> torch.Tensor:
+    """``(P, H, W)`` → ``(P + 1, H, W)``: a last channel for the cells that carry no part."""
+    return torch.cat([labels, ~labels.any(0, keepdim=True)])
+
+
+def _consistent(query: torch.Tensor, reference: torch.Tensor, query_cells, reference_cells) -> int:
+    """Cells of an edit whose query and reference labels (background included) intersect."""
+    if not query_cells:
+        return 0
+    q = torch.as_tensor(query_cells, dtype=torch.long)
+    r = torch.as_tensor(reference_cells, dtype=torch.long)
+    qa = _with_background(query)[:, q[:, 0], q[:, 1]]
+    ra = _with_background(reference)[:, r[:, 0], r[:, 1]]
+    return int((qa & ra).any(0).sum())
 
 
 def _lookup(reference_labels: ReferenceLabels, key: tuple) -> Optional[torch.Tensor]:
@@ -114,8 +134,9 @@ def assign_parts(explanations: Sequence[Explanation], part_names: Sequence[str],
         q = labels[exp.query_index]
         edit_parts = tuple(_names_at(q, e.query_cells, names) for e in exp.edits)
         ref_parts: tuple[tuple[str, ...], ...] = ()
+        consistent: tuple[int, ...] = ()
         if reference_labels is not None:
-            collected = []
+            collected, same = [], []
             for e in exp.edits:
                 r = _lookup(reference_labels, tuple(e.reference_id))
                 if r is None:
@@ -123,6 +144,8 @@ def assign_parts(explanations: Sequence[Explanation], part_names: Sequence[str],
                     break
                 r = as_cell_parts(r, len(names), "reference_labels").detach().cpu()
                 collected.append(_names_at(r, e.reference_cells, names))
-            ref_parts = tuple(collected) if collected is not None else ()
-        out.append(PartAssignment(edit_parts, ref_parts, cell_part_names(q, names)))
+                same.append(_consistent(q, r, e.query_cells, e.reference_cells))
+            if collected is not None:
+                ref_parts, consistent = tuple(collected), tuple(same)
+        out.append(PartAssignment(edit_parts, ref_parts, cell_part_names(q, names), consistent))
     return out

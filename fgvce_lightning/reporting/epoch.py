@@ -27,6 +27,8 @@ class ExplainedSample:
         reference_parts: per edit, the part names of its reference cells.
         cell_parts: ``(H, W)`` list-of-lists of part-name tuples for the query's cells, or ``None``.
         rank: the process that explained it.
+        consistent_cells: per edit, its cells whose query and reference labels share a part
+            (:attr:`PartAssignment.consistent_cells`); ``()`` when unknown.
     """
 
     explanation: Explanation
@@ -37,6 +39,7 @@ class ExplainedSample:
     reference_parts: tuple[tuple[str, ...], ...] = ()
     cell_parts: Optional[list] = None
     rank: int = 0
+    consistent_cells: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

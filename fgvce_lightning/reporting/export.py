@@ -4,21 +4,25 @@
 
     schema_version, epoch, global_step, feature_grid [H, W], input_size [H, W],
     num_misclassified, num_explained, num_skipped, flip_rate, mean_edits,
-    semantic_consistency, method, elapsed_s, failures [str], class_names [str] | null,
-    parts       [{id, name, source}]
-    part_stats  [{part, error_share, count, contribution_share, edit_cells}]
+    semantic_consistency, consistency_cells, min_pair_count, method, elapsed_s,
+    failures [str], class_names [str] | null,
+    parts       [{id, name, source}]           ("background" for cells that carry no part)
+    part_stats  [{part, error_share, interval [lo, hi], count, contribution_share, edit_cells}]
     pair_stats  [{true, pred, true_name, pred_name, count, part_counts {part: n},
-                  dominant_parts [str], examples [index into samples]}]
+                  dominant_parts [str], dominant_share, dominant_interval [lo, hi],
+                  enough, examples [index into samples]}]
     samples     [{dataloader_idx, batch_idx, position, true, pred, true_name, pred_name,
                   success, final_pred, skipped_reason, p_true_before, p_pred_before, num_edits,
                   head_evaluations, method, rank, contributions [[float]] | null,
                   regions [[int]] | null,
                   edits [{query_cells [[row, col]], parts [str], similarity, contribution,
-                          p_true_after, p_pred_after,
+                          p_true_after, p_pred_after, consistent_cells | null,
                           reference {dataloader_idx, batch_idx, position, id [int], slot,
                                      cells [[row, col]], parts [str]}}]}]
 
-Numbers that are not finite (``nan``: no contribution, no successful flip …) are ``null``.
+Intervals are 95% Wilson score intervals; a pair with ``enough: false`` has fewer than
+``min_pair_count`` explained mistakes, too few to say which part dominates. Numbers that are not
+finite (``nan``: no contribution, no successful flip …) are ``null``.
 ``edits.csv`` has one row per edit. The directory is written to a hidden temporary directory
 next to the target and renamed into place, so a crash never leaves a half report, and an
 existing ``epoch_<NNN>`` is never overwritten (``epoch_<NNN>_1``, ``_2`` … are used instead).
@@ -93,11 +97,13 @@ def _sample(sample: ExplainedSample, class_names: Optional[Sequence[str]]) -> di
     for k, edit in enumerate(exp.edits):
         parts = sample.edit_parts[k] if k < len(sample.edit_parts) else ()
         ref_parts = sample.reference_parts[k] if k < len(sample.reference_parts) else ()
+        same = sample.consistent_cells[k] if k < len(sample.consistent_cells) else None
         edits.append({
             "query_cells": _cells(edit.query_cells), "reference": _reference(edit, ref_parts),
             "parts": [str(p) for p in parts], "similarity": _num(edit.similarity),
             "contribution": _num(edit.contribution), "p_true_after": _num(edit.p_true_after),
-            "p_pred_after": _num(edit.p_pred_after)})
+            "p_pred_after": _num(edit.p_pred_after),
+            "consistent_cells": None if same is None else int(same)})
     dl, batch, pos = (int(v) for v in sample.query_id)
     return {
         "dataloader_idx": dl, "batch_idx": batch, "position": pos,
@@ -135,19 +141,24 @@ def report_dict(result: EpochResult) -> dict:
         "num_explained": int(stats.num_explained), "num_skipped": int(stats.num_skipped),
         "flip_rate": _num(stats.flip_rate), "mean_edits": _num(stats.mean_edits),
         "semantic_consistency": _num(stats.semantic_consistency),
+        "consistency_cells": int(stats.consistency_cells),
+        "min_pair_count": int(stats.min_pair_count),
         "method": str(result.method), "elapsed_s": _num(result.elapsed_s),
         "failures": [str(f) for f in result.failures],
         "class_names": None if names is None else [str(n) for n in names],
         "parts": [{"id": int(p.id), "name": str(p.name), "source": str(p.source)}
                   for p in stats.parts],
         "part_stats": [{"part": str(ps.part), "error_share": _num(ps.error_share),
-                        "count": int(ps.count), "contribution_share": _num(ps.contribution_share),
+                        "interval": [_num(v) for v in ps.interval], "count": int(ps.count), "contribution_share": _num(ps.contribution_share),
                         "edit_cells": int(ps.edit_cells)} for ps in stats.part_stats],
         "pair_stats": [{"true": int(p.true), "pred": int(p.pred),
                         "true_name": _name(p.true, names), "pred_name": _name(p.pred, names),
                         "count": int(p.count),
                         "part_counts": {str(k): int(v) for k, v in p.part_counts.items()},
                         "dominant_parts": [str(d) for d in p.dominant_parts],
+                        "dominant_share": _num(p.dominant_share),
+                        "dominant_interval": [_num(v) for v in p.dominant_interval],
+                        "enough": bool(p.enough),
                         "examples": [int(i) for i in p.example_indices]}
                        for p in stats.pair_stats],
         "samples": [_sample(s, names) for s in result.samples],

@@ -27,10 +27,13 @@ def test_assign_from_boolean_labels_with_references():
     # (2, 0) and the references' unlabelled cells carry no part: they are background
     assert out[0].edit_parts == (("beak", "tail", "wing"), ("background",))
     assert out[0].reference_parts == (("background", "wing"), ("background",))
+    # per cell: beak <- wing and wing/tail <- background differ; background <- background agrees
+    assert out[0].consistent_cells == (0, 1)
     assert out[0].cell_parts[1][1] == ("tail", "wing")
     assert out[0].cell_parts[2][2] == ("background",)
     assert out[1].edit_parts == (("tail",),)
     assert out[1].reference_parts == ()          # reference (0, 9, 9) unknown -> unknown as a whole
+    assert out[1].consistent_cells == ()
     assert out[2].edit_parts == () and out[2].cell_parts is None
 
 
