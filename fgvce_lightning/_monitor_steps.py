@@ -678,6 +678,8 @@ def make_samples(monitor: "CounterfactualMonitor", trainer: "pl.Trainer | RunInf
             edit_parts=a.edit_parts if a is not None else (),
             reference_parts=a.reference_parts if a is not None else (),
             cell_parts=a.cell_parts if a is not None else None,
+            consistent_cells=a.consistent_cells if a is not None else (),
+            judged_cells=a.judged_cells if a is not None else (),
             rank=int(trainer.global_rank)))
     return samples, parts
 

@@ -35,15 +35,19 @@ class PartAssignment:
             one entry per edit) when the reference labels are unknown for any of its edits.
         cell_parts: ``H×W`` lists of part-name tuples of the query's cells (``None`` for a
             skipped explanation).
-        consistent_cells: per edit, how many of its cells carry a part in common with the
-            reference cell that replaced them (background counts as a part); ``()`` when the
-            reference labels are unknown, like ``reference_parts``.
+        consistent_cells: per edit, how many of its judged cells carry a part in common with
+            the reference cell that replaced them; ``()`` when the reference labels are unknown,
+            like ``reference_parts``.
+        judged_cells: per edit, its cells where the query cell or the reference cell carries a
+            part (background replaced by background is left out: it says nothing about parts,
+            and counting it would reward edits on the background).
     """
 
     edit_parts: tuple[tuple[str, ...], ...]
     reference_parts: tuple[tuple[str, ...], ...]
     cell_parts: Optional[list]
     consistent_cells: tuple[int, ...] = ()
+    judged_cells: tuple[int, ...] = ()
 
 
 def as_cell_parts(labels: torch.Tensor, num_parts: int, name: str = "labels") -> torch.Tensor:
@@ -77,20 +81,17 @@ def _names_at(labels: torch.Tensor, cells: Sequence[tuple[int, int]], names: Seq
     return tuple(sorted(found))
 
 
-def _with_background(labels: torch.Tensor) -> torch.Tensor:
-    """``(P, H, W)`` → ``(P + 1, H, W)``: a last channel for the cells that carry no part."""
-    return torch.cat([labels, ~labels.any(0, keepdim=True)])
-
-
-def _consistent(query: torch.Tensor, reference: torch.Tensor, query_cells, reference_cells) -> int:
-    """Cells of an edit whose query and reference labels (background included) intersect."""
+def _consistent(query: torch.Tensor, reference: torch.Tensor, query_cells,
+                reference_cells) -> tuple[int, int]:
+    """``(consistent, judged)`` cells of an edit: judged where either cell carries a part,
+    consistent where both carry one in common."""
     if not query_cells:
-        return 0
+        return 0, 0
     q = torch.as_tensor(query_cells, dtype=torch.long)
     r = torch.as_tensor(reference_cells, dtype=torch.long)
-    qa = _with_background(query)[:, q[:, 0], q[:, 1]]
-    ra = _with_background(reference)[:, r[:, 0], r[:, 1]]
-    return int((qa & ra).any(0).sum())
+    qa = query[:, q[:, 0], q[:, 1]]
+    ra = reference[:, r[:, 0], r[:, 1]]
+    return int((qa & ra).any(0).sum()), int((qa.any(0) | ra.any(0)).sum())
 
 
 def _lookup(reference_labels: ReferenceLabels, key: tuple) -> Optional[torch.Tensor]:
@@ -135,6 +136,7 @@ def assign_parts(explanations: Sequence[Explanation], part_names: Sequence[str],
         edit_parts = tuple(_names_at(q, e.query_cells, names) for e in exp.edits)
         ref_parts: tuple[tuple[str, ...], ...] = ()
         consistent: tuple[int, ...] = ()
+        judged: tuple[int, ...] = ()
         if reference_labels is not None:
             collected, same = [], []
             for e in exp.edits:
@@ -146,6 +148,8 @@ def assign_parts(explanations: Sequence[Explanation], part_names: Sequence[str],
                 collected.append(_names_at(r, e.reference_cells, names))
                 same.append(_consistent(q, r, e.query_cells, e.reference_cells))
             if collected is not None:
-                ref_parts, consistent = tuple(collected), tuple(same)
-        out.append(PartAssignment(edit_parts, ref_parts, cell_part_names(q, names), consistent))
+                ref_parts = tuple(collected)
+                consistent, judged = tuple(c for c, _ in same), tuple(j for _, j in same)
+        out.append(PartAssignment(edit_parts, ref_parts, cell_part_names(q, names), consistent,
+                                  judged))
     return out

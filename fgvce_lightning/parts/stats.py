@@ -69,12 +69,12 @@ def compute_epoch_stats(samples: Sequence["ExplainedSample"], parts: Sequence[Pa
       ``dominant_parts`` by that count (ties by name), the dominant part's share with its
       interval, whether the pair has ``min_pair_count`` mistakes (``enough``), and up to
       ``max_examples`` sample indices (successful explanations first).
-    * ``semantic_consistency``: over all edited cells with known query and reference parts, the
-      share whose query cell and reference cell carry a part in common (Same-KP per cell, as
-      Vandenhende et al. 2022 count it; a cell without a part is background, and background
-      replaced by background counts as consistent). Samples that only carry edit-level names
-      (``reference_parts`` without ``consistent_cells``) are judged per edit instead. ``None``
-      when no sample has reference parts.
+    * ``semantic_consistency``: over the edited cells where the query cell or the reference cell
+      carries a part, the share where both carry one in common (Same-KP per cell, as Vandenhende
+      et al. 2022 count it; background replaced by background is left out, since it says nothing
+      about parts and would reward edits on the background). Samples that only carry edit-level
+      names (``reference_parts`` without ``consistent_cells``) are judged per edit instead.
+      ``None`` when no sample has reference parts.
     * a part named by an edit but missing from ``parts`` (the background of annotated parts) is
       added at the end of ``parts``.
     * ``flip_rate``: share of explained mistakes that flip to the true class;
@@ -122,9 +122,9 @@ def compute_epoch_stats(samples: Sequence["ExplainedSample"], parts: Sequence[Pa
         key = (exp.true, exp.pred)
         pairs[key].append(i)
         pair_parts[key].update(parts_hit)
-        if len(s.consistent_cells) == exp.num_edits:
+        if len(s.consistent_cells) == exp.num_edits == len(s.judged_cells):
             consistent += sum(s.consistent_cells)
-            judged += sum(len(e.query_cells) for e in exp.edits)
+            judged += sum(s.judged_cells)
         elif len(s.reference_parts) == exp.num_edits and len(s.edit_parts) == exp.num_edits:
             for qp, rp in zip(s.edit_parts, s.reference_parts):
                 judged += 1

@@ -29,6 +29,8 @@ class ExplainedSample:
         rank: the process that explained it.
         consistent_cells: per edit, its cells whose query and reference labels share a part
             (:attr:`PartAssignment.consistent_cells`); ``()`` when unknown.
+        judged_cells: per edit, its cells where either side carries a part
+            (:attr:`PartAssignment.judged_cells`).
     """
 
     explanation: Explanation
@@ -40,6 +42,7 @@ class ExplainedSample:
     cell_parts: Optional[list] = None
     rank: int = 0
     consistent_cells: tuple[int, ...] = ()
+    judged_cells: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@
                   regions [[int]] | null,
                   edits [{query_cells [[row, col]], parts [str], similarity, contribution,
                           p_true_after, p_pred_after, consistent_cells | null,
+                          judged_cells | null (cells where either side carries a part),
+                          cell_parts [[str]] | null (the part names of each query cell),
                           reference {dataloader_idx, batch_idx, position, id [int], slot,
                                      cells [[row, col]], parts [str]}}]}]
 
@@ -98,12 +100,17 @@ def _sample(sample: ExplainedSample, class_names: Optional[Sequence[str]]) -> di
         parts = sample.edit_parts[k] if k < len(sample.edit_parts) else ()
         ref_parts = sample.reference_parts[k] if k < len(sample.reference_parts) else ()
         same = sample.consistent_cells[k] if k < len(sample.consistent_cells) else None
+        judged = sample.judged_cells[k] if k < len(sample.judged_cells) else None
+        per_cell = None
+        if sample.cell_parts is not None:
+            per_cell = [[str(n) for n in sample.cell_parts[r][c]] for r, c in edit.query_cells]
         edits.append({
             "query_cells": _cells(edit.query_cells), "reference": _reference(edit, ref_parts),
             "parts": [str(p) for p in parts], "similarity": _num(edit.similarity),
             "contribution": _num(edit.contribution), "p_true_after": _num(edit.p_true_after),
             "p_pred_after": _num(edit.p_pred_after),
-            "consistent_cells": None if same is None else int(same)})
+            "consistent_cells": None if same is None else int(same),
+            "judged_cells": None if judged is None else int(judged), "cell_parts": per_cell})
     dl, batch, pos = (int(v) for v in sample.query_id)
     return {
         "dataloader_idx": dl, "batch_idx": batch, "position": pos,

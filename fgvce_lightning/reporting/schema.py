@@ -45,7 +45,9 @@ _EDIT = {
     "properties": {"query_cells": _CELLS, "reference": _REFERENCE, "parts": _STRS,
                    "similarity": _NUM, "contribution": _NUM, "p_true_after": _PROB,
                    "p_pred_after": _PROB, "consistent_cells": {"type": ["integer", "null"],
-                                                               "minimum": 0}},
+                                                               "minimum": 0},
+                   "judged_cells": {"type": ["integer", "null"], "minimum": 0},
+                   "cell_parts": {"type": ["array", "null"], "items": _STRS}},
 }
 _SAMPLE = {
     "type": "object",

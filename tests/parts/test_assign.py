@@ -27,8 +27,9 @@ def test_assign_from_boolean_labels_with_references():
     # (2, 0) and the references' unlabelled cells carry no part: they are background
     assert out[0].edit_parts == (("beak", "tail", "wing"), ("background",))
     assert out[0].reference_parts == (("background", "wing"), ("background",))
-    # per cell: beak <- wing and wing/tail <- background differ; background <- background agrees
-    assert out[0].consistent_cells == (0, 1)
+    # per cell: beak <- wing and wing/tail <- background are judged and differ; background <-
+    # background says nothing about parts and is not judged
+    assert out[0].consistent_cells == (0, 0) and out[0].judged_cells == (2, 0)
     assert out[0].cell_parts[1][1] == ("tail", "wing")
     assert out[0].cell_parts[2][2] == ("background",)
     assert out[1].edit_parts == (("tail",),)

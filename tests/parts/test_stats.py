@@ -121,6 +121,7 @@ def test_semantic_consistency_is_counted_per_cell_when_known():
     two_cells = make_explanation(0, [make_edit([(0, 0), (0, 1)], [(0, 0), (1, 1)]),
                                      make_edit([(1, 0)], [(1, 0)])], true=1, pred=2, success=True)
     s = ExplainedSample(two_cells, query_id=(0, 0, 0), edit_parts=(("beak",), ("tail",)),
-                        reference_parts=(("beak",), ("wing",)), consistent_cells=(1, 0))
+                        reference_parts=(("beak",), ("wing",)), consistent_cells=(1, 0),
+                        judged_cells=(2, 1))
     stats = compute_epoch_stats([s], PARTS, num_misclassified=1)
     assert stats.semantic_consistency == pytest.approx(1 / 3) and stats.consistency_cells == 3
