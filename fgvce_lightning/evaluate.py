@@ -46,6 +46,7 @@ from .parts.assign import assign_parts
 from .parts.purity import PurityResult, cell_majority_parts, prototype_purity
 
 __all__ = ["StrategyResult", "EvaluationResult", "PurityResult", "STRATEGIES", "evaluate_model",
+           "ground_truth_for",
            "format_table", "prototype_purity", "cell_majority_parts", "add_evaluate_parser",
            "run_evaluate"]
 
@@ -424,6 +425,39 @@ def evaluate_model(model: nn.Module, val_loader: Iterable, *, split: Optional[Mo
         distinguishing_cell_share=share, query_indices=tuple(pos_all[pick].tolist()), bank=bank,
         seed=int(seed), ceiling=ceiling,
         cause_counts=None if causes is None else {k: causes.count(k) for k in CAUSES})
+
+
+def ground_truth_for(model: nn.Module, val_loader: Iterable, positions: Sequence[int], *,
+                     split: Optional[ModelSplit] = None, bank_per_class: int = 64,
+                     device: str | torch.device = "cpu", min_coverage: float = 0.2
+                     ) -> tuple[Optional[Rate], Optional[list], Optional[torch.Tensor]]:
+    """The ceiling and the causes of given validation mistakes (e.g. those a report explained).
+
+    Args:
+        model: the trained classifier.
+        val_loader: the unshuffled validation loader of a data set that can draw its images again
+            (:class:`~fgvce_lightning.datasets.SyntheticBirds`).
+        positions: loader-order indices of the mistakes (``batch_idx * batch_size + position``).
+
+    Returns:
+        ``(ceiling, causes, context cells)`` as :func:`evaluate_model` measures them, for the
+        positions that are mistakes of ``model`` (in the order given); ``None`` where the data
+        cannot say.
+    """
+    device = torch.device(device)
+    split = split if split is not None else split_model(model)
+    modules = [model] if isinstance(model, nn.Module) else []
+    dataset = getattr(val_loader, "dataset", None)
+    with preserved_training_flags(*modules), torch.no_grad():
+        col, bank = _collect(split, val_loader, bank_per_class, device, min_coverage, 1.0)
+        where = {int(p): k for k, p in enumerate(torch.cat(col.position).tolist())}
+        pick = torch.tensor([where[int(p)] for p in positions if int(p) in where],
+                            dtype=torch.long)
+        feats = torch.cat(col.feats)
+        names = tuple(getattr(dataset, "part_names", ()) or ())
+        return _known_answers(split, bank, col, dataset, feats[pick], torch.cat(col.true)[pick],
+                              torch.cat(col.pred)[pick], pick, torch.cat(col.position), names,
+                              device)
 
 
 def _known_answers(split: ModelSplit, bank: ReferenceBank, col: _Collected, dataset: Any,

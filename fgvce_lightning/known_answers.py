@@ -76,6 +76,7 @@ class FirstEdit:
         cells: the first edit's cells ``(row, col)``.
         parts: the part names of all edits.
         num_edits: how many edits (0: nothing edited).
+        query_id: ``(dataloader_idx, batch_idx, position)`` of the sample, when known.
     """
 
     true: int
@@ -85,6 +86,7 @@ class FirstEdit:
     cells: tuple[tuple[int, int], ...] = ()
     parts: frozenset = field(default_factory=frozenset)
     num_edits: int = 1
+    query_id: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,9 @@ def first_edits_from_report(report: dict) -> tuple[list[FirstEdit], tuple[int, i
                              first_parts=frozenset(first["parts"]), cell_parts=per_cell,
                              cells=cells,
                              parts=frozenset(p for e in s["edits"] for p in e["parts"]),
-                             num_edits=len(s["edits"])))
+                             num_edits=len(s["edits"]),
+                             query_id=(int(s["dataloader_idx"]), int(s["batch_idx"]),
+                                       int(s["position"]))))
     return out, (unlabelled, total)
 
 
@@ -179,18 +183,23 @@ def first_edits_from_explanations(explanations: Sequence[Any], labels: torch.Ten
     def cell_names(q: int, r: int, c: int) -> frozenset:
         return frozenset(all_names[k] for k in full[q, :, r, c].nonzero().flatten().tolist())
 
+    def edit_names(cells: Iterable[frozenset]) -> frozenset:
+        """As :func:`assign_parts` names an edit: its parts, background only when none."""
+        found = frozenset().union(*cells) - {BACKGROUND}
+        return found or frozenset({BACKGROUND})
+
     out, unlabelled, total = [], 0, 0
     for e in explanations:
         if e.skipped or not e.edits:
             continue
-        total += len(e.edits)          # every cell has a name (background at least)
+        total += len(e.edits)          # every edit has a name (background at least)
         per_cell = tuple(cell_names(e.query_index, r, c) for r, c in e.edits[0].query_cells)
         out.append(FirstEdit(true=int(e.true), pred=int(e.pred),
-                             first_parts=frozenset().union(*per_cell), cell_parts=per_cell,
+                             first_parts=edit_names(per_cell), cell_parts=per_cell,
                              cells=tuple(e.edits[0].query_cells),
-                             parts=frozenset().union(*(cell_names(e.query_index, r, c)
-                                                       for ed in e.edits
-                                                       for r, c in ed.query_cells)),
+                             parts=frozenset().union(*(edit_names(
+                                 [cell_names(e.query_index, r, c) for r, c in ed.query_cells])
+                                 for ed in e.edits)),
                              num_edits=len(e.edits)))
     return out, (unlabelled, total)
 

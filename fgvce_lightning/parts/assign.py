@@ -28,9 +28,10 @@ class PartAssignment:
     """Part names for one explanation.
 
     Attributes:
-        edit_parts: per edit, the sorted, deduplicated part names of its query cells
-            (:data:`~fgvce_lightning.parts.types.BACKGROUND` for a cell that carries no part, so
-            every edit has at least one).
+        edit_parts: per edit, the sorted, deduplicated part names of its query cells; an edit
+            none of whose cells carries a part is ``(BACKGROUND,)``, so every edit has a name
+            (cells of the background beside a part do not add ``BACKGROUND``: the edit is about
+            the part).
         reference_parts: per edit, the part names of its reference cells; ``()`` (length 0, not
             one entry per edit) when the reference labels are unknown for any of its edits.
         cell_parts: ``H×W`` lists of part-name tuples of the query's cells (``None`` for a
@@ -76,9 +77,9 @@ def _names_at(labels: torch.Tensor, cells: Sequence[tuple[int, int]], names: Seq
     idx = torch.as_tensor(cells, dtype=torch.long)
     carried = labels[:, idx[:, 0], idx[:, 1]]                             # (P, cells)
     found = {names[p] for p in carried.any(dim=1).nonzero().flatten().tolist()}
-    if not bool(carried.any(dim=0).all()):    # a cell that carries no part is background
-        found.add(BACKGROUND)
-    return tuple(sorted(found))
+    # an edit that touches the object is named by its parts; one that touches none of them lies
+    # on the background and is named so (never left unnamed)
+    return tuple(sorted(found)) if found else (BACKGROUND,)
 
 
 def _consistent(query: torch.Tensor, reference: torch.Tensor, query_cells,

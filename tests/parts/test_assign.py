@@ -24,9 +24,10 @@ def test_assign_from_boolean_labels_with_references():
             make_explanation(1, [make_edit([(2, 2)], [(0, 1)], ref_id=(0, 9, 9))]),
             skipped(1)]
     out = assign_parts(exps, NAMES, query_labels(), {(0, 4, 2): ref})
-    # (2, 0) and the references' unlabelled cells carry no part: they are background
+    # (2, 0) carries no part: the edit lies on the background; the first reference edit touches
+    # the wing and a background cell: it is about the wing
     assert out[0].edit_parts == (("beak", "tail", "wing"), ("background",))
-    assert out[0].reference_parts == (("background", "wing"), ("background",))
+    assert out[0].reference_parts == (("wing",), ("background",))
     # per cell: beak <- wing and wing/tail <- background are judged and differ; background <-
     # background says nothing about parts and is not judged
     assert out[0].consistent_cells == (0, 0) and out[0].judged_cells == (2, 0)
