@@ -43,7 +43,8 @@ def test_separating_part_scores_known_values():
 
 def test_first_edits_from_a_report():
     report = {"samples": [
-        {"true": 0, "pred": 1, "skipped_reason": None, "edits": [
+        {"true": 0, "pred": 1, "skipped_reason": None, "dataloader_idx": 0, "batch_idx": 3,
+         "position": 5, "edits": [
             {"query_cells": [[1, 2], [1, 3]], "parts": ["body", "tail"],
              "cell_parts": [["tail"], ["body"]]},
             {"query_cells": [[0, 0]], "parts": []}]},
@@ -52,6 +53,7 @@ def test_first_edits_from_a_report():
     assert unlabelled == (1, 2) and len(edits) == 1
     assert edits[0].cells == ((1, 2), (1, 3)) and edits[0].first_parts == {"body", "tail"}
     assert edits[0].cell_parts == (frozenset({"tail"}), frozenset({"body"}))
+    assert edits[0].query_id == (0, 3, 5)
 
 
 class _Scenes:
