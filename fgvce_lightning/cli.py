@@ -114,8 +114,8 @@ def known_answers_text(report_path: Path, module, *, num_val: int, seed: int,
 
     from .datasets import SyntheticBirds
     from .evaluate import ground_truth_for
-    from .known_answers import (first_edits_from_report, format_known_answers, names_cause,
-                                separating_part_scores)
+    from .known_answers import (CAUSES, first_edits_from_report, format_known_answers,
+                                names_cause, separating_part_scores)
 
     report = json.loads(Path(report_path).read_text())
     val = SyntheticBirds(num_val, num_classes=num_classes, seed=seed, split="val")
@@ -127,7 +127,7 @@ def known_answers_text(report_path: Path, module, *, num_val: int, seed: int,
     rates, counts = None, None
     if causes is not None and len(causes) == len(edits):
         rates = names_cause(edits, causes, context, val.distinguishing_parts)
-        counts = {k: causes.count(k) for k in set(causes)}
+        counts = {k: causes.count(k) for k in CAUSES}
     return format_known_answers(scores, ceiling=ceiling, causes=rates, cause_counts=counts,
                                 title=f"Known answers, epoch {report['epoch']} "
                                       f"({len(edits)} explained mistakes; SyntheticBirds knows "

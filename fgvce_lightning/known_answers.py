@@ -334,10 +334,10 @@ def format_known_answers(scores: SeparatingScores, *, ceiling: Optional[Rate] = 
              f"  edits without any part name              {scores.edits_unlabelled}"]
     if ceiling is not None:
         lines.append(f"  ceiling: separating part alone swapped (masks) flips {ceiling}")
-    if cause_counts:
+    if cause_counts is not None:
         lines.append("  what caused the mistakes (images drawn again): " + ", ".join(
             f"{k} {cause_counts.get(k, 0)}" for k in CAUSES))
-    if causes:
+    if causes is not None:
         lines.append("  first edit names the known cause         " + (
             str(causes["known"]) if "known" in causes else "n/a"))
         for k in ("part", "both", "context"):
