@@ -116,7 +116,7 @@ def correspond(similarity: torch.Tensor, valid: torch.Tensor, grid: tuple[int, i
 
     Args:
         similarity: ``(N, H*W, K, H*W)`` cosine similarities, ``[n, u, k, v]`` = cos(query cell
-            ``u``, reference ``k`` cell ``v``) (:func:`~fgvce_lightning.engine.candidates.cell_similarity`).
+            ``u``, reference ``k`` cell ``v``) (:func:`cell_similarity`).
         valid: ``(N, K)`` bool, which references exist.
         grid: ``(H, W)``.
         max_shift: largest shift in cells (``None``: any).
