@@ -6,7 +6,10 @@ to ``max_queries`` mistakes (a seeded, deterministic subset) and explains the *s
 every strategy:
 
 * ``"fgvce"``: :func:`~fgvce_lightning.engine.search.counterfactual_search` (local Shapley
-  contributions, saliency partition);
+  contributions, saliency partition), the correspondence restricted by the part labels as the
+  monitor does when the batches carry annotations;
+* ``"fgvce-features"``: the same with the correspondence from the features alone (data without
+  annotations);
 * ``"greedy"``: :func:`~fgvce_lightning.engine.greedy.greedy_search` (Goyal et al. 2019);
 * ``"gradcam"`` / ``"random"``: the FG-VCE search with Grad-CAM / random region order.
 
@@ -50,8 +53,9 @@ __all__ = ["StrategyResult", "EvaluationResult", "PurityResult", "STRATEGIES", "
            "format_table", "prototype_purity", "cell_majority_parts", "add_evaluate_parser",
            "run_evaluate"]
 
-STRATEGIES = ("fgvce", "greedy", "gradcam", "random")
-_REGION_ORDER = {"fgvce": "contribution", "gradcam": "gradcam", "random": "random"}
+STRATEGIES = ("fgvce", "fgvce-features", "greedy", "gradcam", "random")
+_REGION_ORDER = {"fgvce": "contribution", "fgvce-features": "contribution", "gradcam": "gradcam",
+                 "random": "random"}
 
 
 @dataclass(frozen=True)
@@ -281,12 +285,18 @@ def _distinguishing_scores(exps: Sequence[Explanation], dist_cells: torch.Tensor
 
 def _run(name: str, split: ModelSplit, queries: torch.Tensor, true: torch.Tensor,
          pred: torch.Tensor, bank: ReferenceBank, config: SearchConfig,
-         modules: Sequence[nn.Module], greedy_max_cells: Optional[int]) -> list[Explanation]:
+         modules: Sequence[nn.Module], greedy_max_cells: Optional[int],
+         labels: Optional[torch.Tensor], ref_labels: dict) -> list[Explanation]:
+    """One strategy on the queries; the FG-VCE searches (but ``fgvce-features``) use the part
+    labels to restrict the correspondence, as the monitor does when the data has annotations."""
     if name == "greedy":
         return greedy_search(split.head, queries, true, pred, bank, config,
                              max_cells=greedy_max_cells, modules=modules)
     cfg = SearchConfig(**{**config.__dict__, "region_order": _REGION_ORDER[name]})
-    return counterfactual_search(split.head, queries, true, pred, bank, cfg, modules=modules)
+    annotated = labels is not None and name != "fgvce-features"
+    return counterfactual_search(split.head, queries, true, pred, bank, cfg, modules=modules,
+                                 query_parts=labels.to(queries.device) if annotated else None,
+                                 reference_parts=ref_labels if annotated else None)
 
 
 def evaluate_model(model: nn.Module, val_loader: Iterable, *, split: Optional[ModelSplit] = None,
@@ -381,7 +391,7 @@ def evaluate_model(model: nn.Module, val_loader: Iterable, *, split: Optional[Mo
     for name in strategies:
         start = time.perf_counter()
         exps = _run(name, split, queries, true.to(device), pred.to(device), bank, config, modules,
-                    greedy_max_cells) if len(true) else []
+                    greedy_max_cells, labels, col.ref_parts) if len(true) else []
         seconds = time.perf_counter() - start
         done = [e for e in exps if not e.skipped]
         near = same = hit = chance = dele = ins = consistency = math.nan

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["Correspondence", "cell_similarity", "grid_transforms", "correspond",
-           "corresponding_features", "align_references"]
+           "corresponding_features", "restrict_to_parts", "align_references"]
 
 
 @dataclass(frozen=True)
@@ -170,9 +170,42 @@ def corresponding_features(references: torch.Tensor, source: torch.Tensor) -> to
     return references.gather(3, source[:, :, None, :].expand(n, k, c, hw))
 
 
+def restrict_to_parts(source: torch.Tensor, query_parts: torch.Tensor,
+                      reference_parts: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Where annotations exist, let them restrict the correspondence further.
+
+    A query cell that carries parts whose aligned reference cell carries none of them is moved to
+    the nearest reference cell (Manhattan distance on the grid from the aligned one; ties: the
+    lower index) that does. Cells without parts, and cells whose parts the reference does not
+    show, keep their aligned cell.
+
+    Args:
+        source: ``(N, K, H*W)`` int64 aligned reference cell of every query cell.
+        query_parts: ``(N, L, H*W)`` bool part labels of the query cells.
+        reference_parts: ``(N, K, L, H*W)`` bool part labels of the references' cells (all
+            ``False`` for a reference without labels).
+        grid: ``(H, W)``.
+
+    Returns:
+        ``(N, K, H*W)`` int64, the restricted source cells.
+    """
+    h, w = grid
+    cells = torch.arange(h * w, device=source.device)
+    rows, cols = cells // w, cells % w
+    share = torch.einsum("nlu,nklv->nkuv", query_parts.float(), reference_parts.float()) > 0
+    dist = ((rows[source][..., None] - rows).abs()
+            + (cols[source][..., None] - cols).abs()).float()                    # (N, K, HW, HW)
+    best_d, best_v = dist.masked_fill(~share, math.inf).min(3)
+    keep = share.gather(3, source[..., None]).squeeze(3)          # the aligned cell agrees already
+    move = torch.isfinite(best_d) & ~keep
+    return torch.where(move, best_v, source)
+
+
 def align_references(query: torch.Tensor, references: torch.Tensor, valid: torch.Tensor, *,
                      max_shift: Optional[int] = 2, mirror: bool = True,
-                     channels: Optional[int] = None, keep: Optional[int] = None
+                     channels: Optional[int] = None, keep: Optional[int] = None,
+                     query_parts: Optional[torch.Tensor] = None,
+                     reference_parts: Optional[torch.Tensor] = None
                      ) -> tuple[Correspondence, torch.Tensor, torch.Tensor]:
     """Correspond every query with each of its references, keep the best-aligned ones and lay
     them out on the query's grid.
@@ -186,6 +219,9 @@ def align_references(query: torch.Tensor, references: torch.Tensor, valid: torch
         channels: only the first ``channels`` channels are matched (``None``: all); the others
             are the query's own in the result (a transformer's class-token channels).
         keep: keep only the ``keep`` best-aligned references of every query (``None``: all).
+        query_parts: optional ``(N, L, H, W)`` bool part labels of the query cells; with
+            ``reference_parts`` ``(N, K, L, H, W)``, the correspondence is restricted to cells
+            that share a part where it can be (:func:`restrict_to_parts`).
 
     Returns:
         ``(corr, slots, aligned)``: the :class:`Correspondence` of the kept references (cells
@@ -196,21 +232,30 @@ def align_references(query: torch.Tensor, references: torch.Tensor, valid: torch
     """
     n, c, h, w = query.shape
     k = references.shape[1]
+    hw = h * w
     cs = c if channels is None else channels
-    qflat = query.reshape(n, c, h * w)
+    qflat = query.reshape(n, c, hw)
     similarity = cell_similarity(F.normalize(query[:, :cs], dim=1),
                                  F.normalize(references[:, :, :cs], dim=2), normalized=True)
     corr = correspond(similarity, valid, (h, w), max_shift=max_shift, mirror=mirror,
                       weights=qflat[:, :cs].norm(dim=1))
-    del similarity
     p = k if keep is None else min(int(keep), k)
     slots = corr.score.topk(p, 1).indices if p else torch.zeros(n, 0, dtype=torch.long,
                                                                 device=query.device)
-    corr = Correspondence(
-        source=corr.source.gather(1, slots[:, :, None].expand(n, p, h * w)),
-        similarity=corr.similarity.gather(1, slots[:, :, None].expand(n, p, h * w)),
-        score=corr.score.gather(1, slots), transform=corr.transform.gather(1, slots),
-        mirrored=corr.mirrored.gather(1, slots))
+    source = corr.source.gather(1, slots[:, :, None].expand(n, p, hw))
+    cell_sim = corr.similarity.gather(1, slots[:, :, None].expand(n, p, hw))
+    if query_parts is not None and reference_parts is not None:
+        rows = torch.arange(n, device=query.device)[:, None]
+        restricted = restrict_to_parts(source, query_parts.flatten(2).bool(),
+                                       reference_parts[rows, slots].flatten(3).bool(), (h, w))
+        sim = similarity.permute(0, 2, 1, 3)[rows, slots]                       # (N, P, HW, HW)
+        moved = sim.gather(3, restricted[..., None]).squeeze(3)
+        cell_sim = torch.where(restricted != source, moved, cell_sim)
+        source = restricted
+    del similarity
+    corr = Correspondence(source=source, similarity=cell_sim, score=corr.score.gather(1, slots),
+                          transform=corr.transform.gather(1, slots),
+                          mirrored=corr.mirrored.gather(1, slots))
     rows = torch.arange(n, device=query.device)[:, None]
     aligned = corresponding_features(references[rows, slots].flatten(3), corr.source)
     if cs < c:

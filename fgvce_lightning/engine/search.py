@@ -30,7 +30,7 @@ Loops run over steps only; every step is one batched (chunked) head call for all
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -53,7 +53,9 @@ def counterfactual_search(head: Head, queries: torch.Tensor, true: torch.Tensor,
                           pred: torch.Tensor, bank: ReferenceBank,
                           config: SearchConfig = SearchConfig(),
                           generator: Optional[torch.Generator] = None, *,
-                          modules: Sequence[nn.Module] = ()) -> list[Explanation]:
+                          modules: Sequence[nn.Module] = (),
+                          query_parts: Optional[torch.Tensor] = None,
+                          reference_parts: Optional[PartLookup] = None) -> list[Explanation]:
     """Explain a batch of misclassifications with FG-VCE region swaps.
 
     The head runs in eval mode; every module's ``training`` flag, the global RNG state and the
@@ -69,6 +71,13 @@ def counterfactual_search(head: Head, queries: torch.Tensor, true: torch.Tensor,
         generator: randomness of the Shapley sampling (default: seeded with ``config.seed``).
         modules: modules to put in eval mode during the search besides ``head`` itself (e.g. the
             LightningModule when ``head`` is a plain function).
+        query_parts: optional ``(N, L, H, W)`` bool part labels of the queries' cells (from
+            keypoints or masks); with ``reference_parts`` the annotations restrict the
+            correspondence further: a query cell whose aligned reference cell shows none of its
+            parts takes the nearest reference cell that does
+            (:func:`~fgvce_lightning.engine.correspondence.restrict_to_parts`).
+        reference_parts: the references' ``(L, H, W)`` bool labels by ``Edit.reference_id``: a
+            mapping, or a callable returning ``None`` for a reference without labels.
 
     Returns:
         One :class:`Explanation` per query, in order; skipped queries (non-finite features, no
@@ -90,13 +99,53 @@ def counterfactual_search(head: Head, queries: torch.Tensor, true: torch.Tensor,
         if generator is None:
             generator = torch.Generator(device=device)
             generator.manual_seed(config.seed)
-        return _search(head, batch, config, generator)
+        parts = _part_labels(batch, query_parts, reference_parts)
+        return _search(head, batch, config, generator, parts)
 
 
 
 
-def _search(head: Head, b: QueryBatch, config: SearchConfig, generator: torch.Generator
-            ) -> list[Explanation]:
+PartLookup = Union[Mapping[tuple, torch.Tensor], Callable[[tuple], Optional[torch.Tensor]]]
+"""Part labels ``(L, H, W)`` bool of a reference, by its id (``None`` when unknown)."""
+
+
+def _part_labels(b: QueryBatch, query_parts: Optional[torch.Tensor],
+                 reference_parts: Optional[PartLookup]
+                 ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The queries' ``(M, L, H, W)`` and their references' ``(M, K, L, H, W)`` part labels
+    (all ``False`` for a reference without labels), or ``None`` when not both are given."""
+    if query_parts is None or reference_parts is None:
+        return None
+    n = len(b.results)
+    if (not isinstance(query_parts, torch.Tensor) or query_parts.dim() != 4
+            or query_parts.shape[0] != n or tuple(query_parts.shape[2:]) != tuple(b.query.shape[2:])):
+        raise ValueError(f"Expected `query_parts` of shape ({n}, L, {b.query.shape[2]}, "
+                         f"{b.query.shape[3]}) (one label map per query), but got "
+                         f"{tuple(getattr(query_parts, 'shape', ())) or type(query_parts).__name__}.")
+    qp = query_parts.to(b.query.device).bool()[b.index]
+    lookup = reference_parts.get if isinstance(reference_parts, Mapping) else reference_parts
+    m, k = b.valid.shape
+    rp = torch.zeros(m, k, *qp.shape[1:], dtype=torch.bool)
+    seen: dict[tuple, Optional[torch.Tensor]] = {}
+    for i, row in enumerate(b.ref_ids.tolist()):       # labels by id: marshalling, not search
+        for j, key in enumerate(row):
+            if not bool(b.valid[i, j]):
+                continue
+            key = tuple(key)
+            if key not in seen:
+                seen[key] = lookup(key)
+            found = seen[key]
+            if found is not None:
+                if tuple(found.shape) != tuple(qp.shape[1:]):
+                    raise ValueError(f"Expected the labels of reference {key} to have shape "
+                                     f"{tuple(qp.shape[1:])} like `query_parts`, but got "
+                                     f"{tuple(found.shape)}.")
+                rp[i, j] = found.bool().cpu()
+    return qp, rp.to(b.query.device)
+
+
+def _search(head: Head, b: QueryBatch, config: SearchConfig, generator: torch.Generator,
+            parts: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> list[Explanation]:
     m, c, h, w = b.query.shape
     hw, device = h * w, b.query.device
     num_classes = b.num_classes
@@ -109,7 +158,8 @@ def _search(head: Head, b: QueryBatch, config: SearchConfig, generator: torch.Ge
     qflat = b.query.reshape(m, c, hw)
     corr, slots, aligned = align_references(
         b.query, b.refs, b.valid, max_shift=config.max_shift, mirror=config.mirror,
-        channels=cs, keep=config.num_references)                               # (M, P, C, HW)
+        channels=cs, keep=config.num_references, query_parts=None if parts is None else parts[0],
+        reference_parts=None if parts is None else parts[1])                   # (M, P, C, HW)
     ref_ok = torch.isfinite(corr.score)                                         # (M, P)
 
     # 3. the cell ranking; "absent" = the corresponding cell of the best-aligned reference

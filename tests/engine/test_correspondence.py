@@ -85,3 +85,22 @@ def test_shape_is_checked():
     sim = torch.zeros(1, 16, 1, 16)
     with pytest.raises(ValueError, match="similarity"):
         correspond(sim, torch.ones(1, 1, dtype=torch.bool), (3, 3))
+
+
+def test_annotations_restrict_the_correspondence_to_the_same_part():
+    """2×3 grid, one part. The aligned cell of query cell (0, 0) shows no tail; the reference's
+    tail is at (1, 2) and (0, 2): the nearer one, (0, 2), is taken. Query cell (1, 1) has no
+    part and keeps its aligned cell; (0, 1)'s tail is shown by its aligned cell already."""
+    from fgvce_lightning.engine.correspondence import restrict_to_parts
+    source = torch.arange(6).view(1, 1, 6)                       # identity alignment
+    qp = torch.zeros(1, 1, 6, dtype=torch.bool)
+    qp[0, 0, [0, 1]] = True
+    rp = torch.zeros(1, 1, 1, 6, dtype=torch.bool)
+    rp[0, 0, 0, [1, 2, 5]] = True
+    out = restrict_to_parts(source, qp, rp, (2, 3))
+    assert out[0, 0].tolist() == [1, 1, 2, 3, 4, 5]               # (0, 0) -> (0, 1), nearest
+    rp[0, 0, 0, 1] = False
+    out = restrict_to_parts(source, qp, rp, (2, 3))
+    assert out[0, 0].tolist() == [2, 2, 2, 3, 4, 5]
+    none = restrict_to_parts(source, qp, torch.zeros_like(rp), (2, 3))   # no reference labels
+    assert torch.equal(none, source)

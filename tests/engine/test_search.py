@@ -401,3 +401,38 @@ def test_a_mirrored_reference_corresponds_mirrored_cells():
     (plain,) = counterfactual_search(head, query, true, pred, mirrored,
                                      SearchConfig(max_shift=1, mirror=False))
     assert plain.edits[0].reference_cells != ((3, 2),)   # without mirrors no transform fits
+
+
+def test_annotations_restrict_the_swap_to_the_same_part():
+    """The reference's true part sits two columns right of the cell that aligns with the query's
+    wrong part. Without labels, the only swap of corresponding cells that brings the true part in
+    lands on the query's background at (1, 2); with the part labels the query's part cell
+    corresponds to the reference's part, and that one swap flips."""
+    head = _PartHead()
+    query = torch.zeros(1, 4, 4, 4)
+    query[0, 3] = 0.3
+    query[0, :, 1, 0] = torch.tensor([1.5, 0.0, 2.0, 0.0])        # wrong part at (1, 0)
+    ref = torch.zeros(1, 4, 4, 4)
+    ref[0, 3] = 0.3
+    ref[0, :, 1, 0] = torch.tensor([0.5, 0.0, 2.0, 0.0])          # the object, aligned
+    ref[0, :, 1, 2] = torch.tensor([0.0, 1.0, 0.0, 0.3])          # its part, displaced
+    bank = ReferenceBank(2, 2, (4, 4, 4))
+    bank.add(ref, torch.tensor([0]), torch.tensor([[0, 0, 5]]))
+    true, pred = torch.tensor([0]), torch.tensor([1])
+    cfg = SearchConfig(max_shift=0, mirror=False)
+    (plain,) = counterfactual_search(head, query, true, pred, bank, cfg)
+    assert (1, 2) in plain.edited_cells                  # the part pasted onto the background
+    qp = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    qp[0, 0, 1, 0] = True
+    rp = torch.zeros(1, 4, 4, dtype=torch.bool)
+    rp[0, 1, 2] = True
+    (res,) = counterfactual_search(head, query, true, pred, bank, cfg, query_parts=qp,
+                                   reference_parts={(0, 0, 5): rp})
+    assert res.success and res.num_edits == 1
+    assert res.edits[0].query_cells == ((1, 0),) and res.edits[0].reference_cells == ((1, 2),)
+    with pytest.raises(ValueError, match="query_parts"):
+        counterfactual_search(head, query, true, pred, bank, cfg, query_parts=qp[0],
+                              reference_parts={(0, 0, 5): rp})
+    with pytest.raises(ValueError, match="labels of reference"):
+        counterfactual_search(head, query, true, pred, bank, cfg, query_parts=qp,
+                              reference_parts={(0, 0, 5): rp[:, :2]})
