@@ -83,7 +83,8 @@ def main() -> None:
     rows = [run_seed(args, seed) for seed in args.seeds]
     print("\n=== known answers per seed (hits/total) ===")
     names = [s.name for s in rows[0][1].strategies]
-    print(f"{'':44}" + "".join(f"{n:>10}" for n in names))
+    width = max(10, *(len(n) + 2 for n in names))
+    print(f"{'':44}" + "".join(f"{n:>{width}}" for n in names))
     for seed, result in rows:
         print(f"seed {seed} (accuracy {result.accuracy:.3f}, {result.num_queries} mistakes; ceiling "
               f"{result.ceiling}; causes {result.cause_counts})")
@@ -93,9 +94,9 @@ def main() -> None:
                 rate = get(s)
                 cells.append(f"{rate.hits}/{rate.total}" if rate is not None and rate.total
                              else "-")
-            print(f"  {label:<42}" + "".join(f"{c:>10}" for c in cells))
+            print(f"  {label:<42}" + "".join(f"{c:>{width}}" for c in cells))
         print(f"  {'semantic consistency (cells)':<42}" + "".join(
-            f"{s.consistency:>10.3f}" for s in result.strategies))
+            f"{s.consistency:>{width}.3f}" for s in result.strategies))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 
