@@ -1,13 +1,17 @@
-"""Benchmark (issue 4): do the explanations edit the parts that tell the species apart?
+"""Benchmark: do the explanations name the part that tells the species apart, or the true cause?
 
 Trains the demo :class:`~fgvce_lightning.demo.DemoClassifier` on :class:`SyntheticBirds` (default
-2000 train / 500 val images, 8 species that differ in bill, wing bar and tail), then
+2000 train images, 8 species that differ in bill, wing bar and tail), then
 
 1. explains the same validation mistakes with FG-VCE, the greedy cell-swap baseline (Goyal et al.
    2019), and the FG-VCE search with Grad-CAM / random region order
    (:func:`fgvce_lightning.evaluate.evaluate_model`) and prints flip rate, edits, head evaluations,
-   the distinguishing-part hit rate against chance, Near/Same-part hit rates and the deletion /
-   insertion AUC of each cell ranking;
+   Near/Same-part hit rates, the per-cell semantic consistency, the known answers (how often the
+   first edit names a separating part, the part most of its cells carry, the pairs whose
+   dominant part separates them, how often the first edit names the mistake's *cause* found by
+   drawing the image again), the ceiling (only the separating part swapped, from the masks) and
+   the deletion / insertion AUC of each cell ranking; part labels as the monitor makes them
+   (keypoints, Near-KP radius one cell);
 2. fits discovered part prototypes (:class:`PartPrototypes`, cosine k-means) on the reference
    bank's cells, assigns every validation cell a prototype and measures their purity against the
    ground-truth part masks (a cell's part = the label covering most of it, background included),
@@ -45,14 +49,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-val", type=int, default=2000,
                         help="validation images (default 2000: about 150-200 mistakes to explain)")
     parser.add_argument("--max-queries", type=int, default=200)
-    parser.add_argument("--bank-per-class", type=int, default=16)
+    parser.add_argument("--bank-per-class", type=int, default=64)
     parser.add_argument("--prototypes", type=int, default=len(PART_NAMES) + 1,
                         help="number of discovered prototypes (default: parts + background)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="one trained model (and data set) per seed")
-    parser.add_argument("--min-coverage", type=float, nargs="+", default=[0.2, 0.01],
-                        help="mask coverage for a cell to carry a part; one table per value "
-                             "(0.01: any overlap, so small parts such as the beak label a cell)")
     return parser.parse_args()
 
 
@@ -67,33 +68,45 @@ def _val_features(module: torch.nn.Module, loader: DataLoader) -> tuple[torch.Te
     return torch.cat(feats), torch.cat(masks)
 
 
+SUMMARY = (
+    ("first edit names a separating part", lambda s: s.separating.first_edit),
+    ("  the part most of its cells carry", lambda s: s.separating.first_edit_main),
+    ("pairs (>= 5) whose dominant part separates", lambda s: s.separating.pairs),
+    ("first edit names the known cause", lambda s: s.causes.get("known")),
+)
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    rows = []
-    for seed in args.seeds:
-        rows.append(run_seed(args, seed))
-    print(f"\n=== first edit touches the distinguishing part (mask coverage >= "
-          f"{args.min_coverage[0]}), per seed ===")
+    rows = [run_seed(args, seed) for seed in args.seeds]
+    print("\n=== known answers per seed (hits/total) ===")
     names = [s.name for s in rows[0][1].strategies]
-    print(f"{'seed':>4} {'accuracy':>9} {'mistakes':>9} " + " ".join(
-        f"{n:>16}" for n in names))
+    width = max(10, *(len(n) + 2 for n in names))
+    print(f"{'':44}" + "".join(f"{n:>{width}}" for n in names))
     for seed, result in rows:
-        cells = " ".join(f"{s.distinguishing_hit:>7.3f} ({s.distinguishing_chance:.3f})"
-                         for s in result.strategies)
-        print(f"{seed:>4} {result.accuracy:>9.3f} {result.num_queries:>9d} {cells}")
-    print("(hit rate, and in brackets the chance for an edit of the same size)")
+        print(f"seed {seed} (accuracy {result.accuracy:.3f}, {result.num_queries} mistakes; ceiling "
+              f"{result.ceiling}; causes {result.cause_counts})")
+        for label, get in SUMMARY:
+            cells = []
+            for s in result.strategies:
+                rate = get(s)
+                cells.append(f"{rate.hits}/{rate.total}" if rate is not None and rate.total
+                             else "-")
+            print(f"  {label:<42}" + "".join(f"{c:>{width}}" for c in cells))
+        print(f"  {'semantic consistency (cells)':<42}" + "".join(
+            f"{s.consistency:>{width}.3f}" for s in result.strategies))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 
 def run_seed(args: argparse.Namespace, seed: int):
-    """Train, explain with every strategy, measure; returns ``(seed, result at the first coverage)``."""
+    """Train, explain with every strategy, measure; returns ``(seed, result)``."""
     start = time.perf_counter()
     print(f"\n##### seed {seed} #####")
     with tempfile.TemporaryDirectory() as root:
         _, module = train_demo(max_epochs=args.epochs, num_train=args.num_train,
-                               num_val=args.num_val, seed=seed, enable_progress_bar=False,
+                               num_val=500, seed=seed, enable_progress_bar=False,
                                default_root_dir=root, logger=False, enable_checkpointing=False)
     trained = time.perf_counter()
     print(f"trained DemoClassifier for {args.epochs} epochs on {args.num_train} SyntheticBirds "
@@ -101,18 +114,10 @@ def run_seed(args: argparse.Namespace, seed: int):
 
     val = SyntheticBirds(args.num_val, num_classes=8, seed=seed, split="val")
     loader = DataLoader(val, batch_size=16, shuffle=False)
-    first = None
-    for coverage in args.min_coverage:
-        result = evaluate_model(module, loader, max_queries=args.max_queries,
-                                bank_per_class=args.bank_per_class, seed=seed,
-                                min_coverage=coverage)
-        first = first or result
-        print(f"--- part labels: mask coverage >= {coverage} ---")
-        print(format_table(result))
-    print(f"\n(evaluation {time.perf_counter() - trained:.0f} s; distinguishing-part hit = share "
-          "of explained mistakes whose FIRST edit touches a cell (at the mask coverage of the table) of a part "
-          "that differs between the true and predicted species; 'chance, same edit size' = the "
-          "probability that a random set of cells of the first edit's size does)")
+    result = evaluate_model(module, loader, max_queries=args.max_queries,
+                            bank_per_class=args.bank_per_class, seed=seed)
+    print(format_table(result))
+    print(f"\n(evaluation {time.perf_counter() - trained:.0f} s)")
 
     # discovered prototypes vs ground-truth parts
     feats, masks = _val_features(module, loader)
@@ -137,7 +142,7 @@ def run_seed(args: argparse.Namespace, seed: int):
     fg = prototype_purity(clusters[bird], truth[bird], args.prototypes, names)
     print(f"on the bird's {int(bird.sum())} cells only ({bird.float().mean():.1%} of all): purity "
           f"{fg.purity:.3f} (majority-part baseline {fg.majority_baseline:.3f})")
-    return seed, first
+    return seed, result
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--chunk-size", type=int, default=32,
                         help="feature maps per head call (memory ~ 6 MB per map on the CPU, float32)")
     parser.add_argument("--num-samples", type=int, default=2, help="Shapley permutations per cell")
-    parser.add_argument("--lookahead", type=int, default=8, help="SearchConfig.reference_lookahead")
+    parser.add_argument("--references", type=int, default=8, help="SearchConfig.num_references")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave as is)")
     parser.add_argument("--seed", type=int, default=0)
@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
           f"{len(classes)} classes ({bank.memory_bytes / 2 ** 20:.0f} MB); prepared in {prep_s:.1f} s")
 
     config = SearchConfig(chunk_size=args.chunk_size, num_samples=args.num_samples,
-                          reference_lookahead=args.lookahead, protected_channels=split.prefix_channels,
+                          num_references=args.references, protected_channels=split.prefix_channels,
                           seed=args.seed)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -125,7 +125,7 @@ def main(argv=None) -> dict:
         print(f"  query {e.query_index}: true {e.true} pred {e.pred}: {status}; "
               f"{e.head_evaluations} head evaluations")
     print(f"ViT-B/16 head (1 block + norm + classifier), 14x14 grid, chunk_size={args.chunk_size}, "
-          f"num_samples={args.num_samples}, lookahead={args.lookahead}, device={device}, "
+          f"num_samples={args.num_samples}, references={args.references}, device={device}, "
           f"threads={torch.get_num_threads()}")
     print(f"head evaluations / explanation: {result['head_evals_per_explanation']:.0f}")
     print(f"search time: {search_s:.1f} s for {len(explained)} explanations -> "

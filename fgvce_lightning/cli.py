@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="runs/fgvce-demo",
                       help="where logs, checkpoints and reports go (default: runs/fgvce-demo)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    demo.add_argument("--max-samples", type=positive_int, default=32,
-                      help="mistakes explained per epoch (default: 32)")
+    demo.add_argument("--max-samples", type=positive_int, default=64,
+                      help="mistakes explained per epoch (default: 64)")
     demo.add_argument("--accelerator", default="cpu",
                       help="Lightning accelerator: cpu, gpu, mps, auto (default: cpu)")
     demo.add_argument("--num-train", type=positive_int, default=2000, help=argparse.SUPPRESS)
@@ -54,13 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_demo(epochs: int = 10, output_dir: str | os.PathLike = "runs/fgvce-demo", seed: int = 0,
-             max_samples: int = 32, accelerator: str = "cpu", num_train: int = 2000,
+             max_samples: int = 64, accelerator: str = "cpu", num_train: int = 2000,
              num_val: int = 500, progress: bool = True) -> dict[str, Optional[Path]]:
     """Train the demo with the monitor and return where its outputs are.
 
     Returns:
         ``{"tensorboard": <TensorBoard log dir>, "reports": <report dir>, "latest_report":
-        <latest report.html (or report.json)>}``.
+        <latest report.html (or report.json)>, "summary": <last epoch summary>,
+        "known_answers": <the last report scored against the parts that separate the species,
+        as text, or None>}``.
     """
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -74,17 +76,53 @@ def run_demo(epochs: int = 10, output_dir: str | os.PathLike = "runs/fgvce-demo"
     monitor = CounterfactualMonitor(max_samples=max_samples, part_names=PART_NAMES,
                                     class_names=class_names, seed=seed)
     logger = TensorBoardLogger(save_dir=os.fspath(output_dir), name="lightning_logs")
-    train_demo(max_epochs=epochs, num_train=num_train, num_val=num_val, callbacks=[monitor],
-               default_root_dir=output_dir, seed=seed, accelerator=accelerator,
-               enable_progress_bar=progress, num_classes=num_classes, logger=logger)
+    _, module = train_demo(max_epochs=epochs, num_train=num_train, num_val=num_val,
+                           callbacks=[monitor], default_root_dir=output_dir, seed=seed,
+                           accelerator=accelerator, enable_progress_bar=progress,
+                           num_classes=num_classes, logger=logger)
     reports = Path(monitor.report_root) if monitor.report_root else None
     latest = None
     if monitor.last_report is not None:
         latest = Path(monitor.last_report) / "report.html"
         if not latest.is_file():
             latest = Path(monitor.last_report) / "report.json"
+    known = None
+    if monitor.last_report is not None and (Path(monitor.last_report) / "report.json").is_file():
+        known = known_answers_text(Path(monitor.last_report) / "report.json", module,
+                                   num_val=num_val, seed=seed, num_classes=num_classes)
     return {"tensorboard": Path(logger.log_dir), "reports": reports, "latest_report": latest,
-            "summary": monitor.summaries[-1] if monitor.summaries else None}
+            "summary": monitor.summaries[-1] if monitor.summaries else None,
+            "known_answers": known}
+
+
+def known_answers_text(report_path: Path, module, *, num_val: int, seed: int,
+                       num_classes: int = 8, batch_size: int = 16) -> str:
+    """The demo's last report scored against what SyntheticBirds knows: which part separates
+    each pair of species, what a perfect answer could flip, and what caused each mistake."""
+    import json
+
+    from torch.utils.data import DataLoader
+
+    from .datasets import SyntheticBirds
+    from .evaluate import ground_truth_for
+    from .known_answers import (CAUSES, first_edits_from_report, format_known_answers,
+                                names_cause, separating_part_scores)
+
+    report = json.loads(Path(report_path).read_text())
+    val = SyntheticBirds(num_val, num_classes=num_classes, seed=seed, split="val")
+    edits, unlabelled = first_edits_from_report(report)
+    scores = separating_part_scores(edits, val.distinguishing_parts, unlabelled=unlabelled)
+    positions = [e.query_id[1] * batch_size + e.query_id[2] for e in edits]
+    ceiling, causes, context = ground_truth_for(
+        module, DataLoader(val, batch_size=batch_size, shuffle=False), positions)
+    rates, counts = None, None
+    if causes is not None and len(causes) == len(edits):
+        rates = names_cause(edits, causes, context, val.distinguishing_parts)
+        counts = {k: causes.count(k) for k in CAUSES}
+    return format_known_answers(scores, ceiling=ceiling, causes=rates, cause_counts=counts,
+                                title=f"Known answers, epoch {report['epoch']} "
+                                      f"({len(edits)} explained mistakes; SyntheticBirds knows "
+                                      "which part separates each pair of species)")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -103,6 +141,8 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"Last explained epoch {summary['epoch']}: {summary['num_explained']} of "
               f"{summary['num_misclassified']} mistakes explained, flip rate "
               f"{summary['flip_rate']:.0%}; parts behind the mistakes: {parts}.")
+    if out.get("known_answers"):
+        print(out["known_answers"])
     print(f"TensorBoard logs: {out['tensorboard']}")
     print(f"  open them with:  tensorboard --logdir {out['tensorboard'].parent}")
     print(f"Epoch reports:    {out['reports']}")

@@ -6,7 +6,10 @@ to ``max_queries`` mistakes (a seeded, deterministic subset) and explains the *s
 every strategy:
 
 * ``"fgvce"``: :func:`~fgvce_lightning.engine.search.counterfactual_search` (local Shapley
-  contributions, saliency partition);
+  contributions, saliency partition), the correspondence restricted by the part labels as the
+  monitor does when the batches carry annotations;
+* ``"fgvce-features"``: the same with the correspondence from the features alone (data without
+  annotations);
 * ``"greedy"``: :func:`~fgvce_lightning.engine.greedy.greedy_search` (Goyal et al. 2019);
 * ``"gradcam"`` / ``"random"``: the FG-VCE search with Grad-CAM / random region order.
 
@@ -30,23 +33,29 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .engine import (Explanation, ModelSplit, ReferenceBank, SearchConfig, counterfactual_search,
                      greedy_search, split_model)
 from .engine._util import evaluate_head, preserved_training_flags
-from .engine.candidates import match_cells, reference_cell_scores, select_candidates
+from .engine.correspondence import align_references
 from .metrics import (deletion_insertion_auc, edits_to_flip, flip_rate, near_part_hit_rate,
                       same_part_hit_rate)
+from .known_answers import (CAUSES, Rate, SeparatingScores, context_cells,
+                            first_edits_from_explanations, mistake_causes, names_cause,
+                            separating_part_ceiling, separating_part_scores)
 from .parts.annotations import keypoints_to_cell_parts, masks_to_cell_parts
+from .parts.assign import assign_parts
+from .parts.purity import PurityResult, cell_majority_parts, prototype_purity
 
 __all__ = ["StrategyResult", "EvaluationResult", "PurityResult", "STRATEGIES", "evaluate_model",
+           "ground_truth_for",
            "format_table", "prototype_purity", "cell_majority_parts", "add_evaluate_parser",
            "run_evaluate"]
 
-STRATEGIES = ("fgvce", "greedy", "gradcam", "random")
-_REGION_ORDER = {"fgvce": "contribution", "gradcam": "gradcam", "random": "random"}
+STRATEGIES = ("fgvce", "fgvce-features", "greedy", "gradcam", "random")
+_REGION_ORDER = {"fgvce": "contribution", "fgvce-features": "contribution", "gradcam": "gradcam",
+                 "random": "random"}
 
 
 @dataclass(frozen=True)
@@ -64,11 +73,15 @@ class StrategyResult:
         near_part: Near-part hit rate (all replacements; query and reference labels).
         same_part: Same-part hit rate.
         distinguishing_hit: share of explained queries whose first edit touches a cell labelled
-            with a part that distinguishes ``true`` from ``pred``.
+            with a part that distinguishes ``true`` from ``pred`` (``separating.first_edit``).
         distinguishing_chance: the same for a random set of cells of the first edit's size
             (hypergeometric, averaged over the explained queries).
         deletion_auc: mean deletion AUC of the strategy's cell ranking (lower is better).
         insertion_auc: mean insertion AUC (higher is better).
+        consistency: the report's ``semantic_consistency``: over the edited cells where the query
+            or the reference cell carries a part, the share where both carry one in common.
+        separating: the separating-part scores (:func:`separating_part_scores`), or ``None``.
+        causes: per known cause, how often the first edit names it (:func:`names_cause`).
         explanations: the explanations, in query order.
     """
 
@@ -85,6 +98,9 @@ class StrategyResult:
     distinguishing_chance: float
     deletion_auc: float
     insertion_auc: float
+    consistency: float = math.nan
+    separating: Optional[SeparatingScores] = None
+    causes: dict = field(default_factory=dict)
     explanations: tuple[Explanation, ...] = field(default=(), repr=False, compare=False)
 
 
@@ -107,6 +123,9 @@ class EvaluationResult:
         query_indices: positions (in loader order) of the queries.
         bank: the reference bank the strategies used.
         seed: the seed.
+        ceiling: the flip rate with only the separating part swapped from the masks (every cell
+            the part's mask touches; :func:`separating_part_ceiling`), or ``None``.
+        cause_counts: how many queries each cause of :data:`CAUSES` explains, or ``None``.
     """
 
     strategies: tuple[StrategyResult, ...]
@@ -122,6 +141,8 @@ class EvaluationResult:
     query_indices: tuple[int, ...]
     bank: Optional[ReferenceBank] = field(default=None, repr=False, compare=False)
     seed: int = 0
+    ceiling: Optional[Rate] = None
+    cause_counts: Optional[dict] = None
 
     def strategy(self, name: str) -> StrategyResult:
         """The result of strategy ``name``."""
@@ -141,40 +162,34 @@ class _Collected:
     position: list = field(default_factory=list)     # loader-order index of each mistake
     parts: list = field(default_factory=list)        # mistakes' (P, H, W) cell labels
     ref_parts: dict = field(default_factory=dict)    # bank id -> (P, H, W) cell labels
+    mask_parts: list = field(default_factory=list)   # the same from the masks (the ceiling)
+    ref_mask_parts: dict = field(default_factory=dict)
     num_val: int = 0
     num_correct: int = 0
     label_source: Optional[str] = None
 
 
-def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[str]]:
-    """Images, labels and (when annotated) raw part annotations of a batch."""
+def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
+                                 Optional[torch.Tensor]]:
+    """Images, labels, keypoints and masks (``None`` where the batch has none)."""
     if isinstance(batch, dict):
         if "image" not in batch or "label" not in batch:
             raise ValueError(f"Expected a batch dict with 'image' and 'label', but got keys "
                              f"{sorted(batch)}.")
-        if "masks" in batch:
-            return batch["image"], batch["label"], batch["masks"], "masks"
-        if "keypoints" in batch:
-            return batch["image"], batch["label"], batch["keypoints"], "keypoints"
-        return batch["image"], batch["label"], None, None
+        return batch["image"], batch["label"], batch.get("keypoints"), batch.get("masks")
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], batch[1], None, None
     raise TypeError(f"Expected batches as dicts with 'image' and 'label' or (images, labels) pairs, "
                     f"but got {type(batch).__name__}.")
 
 
-def _cell_parts(annotation: torch.Tensor, source: str, image_hw: tuple[int, int],
-                grid: tuple[int, int], min_coverage: float) -> torch.Tensor:
-    if source == "masks":
-        return masks_to_cell_parts(annotation, grid, min_coverage=min_coverage)
-    return keypoints_to_cell_parts(annotation, image_hw, grid)
-
-
 def _collect(split: ModelSplit, loader: Iterable, bank_per_class: int, device: torch.device,
-             min_coverage: float) -> tuple[_Collected, Optional[ReferenceBank]]:
+             min_coverage: float, radius: float) -> tuple[_Collected, Optional[ReferenceBank]]:
+    """One pass over the loader. Part labels as the monitor makes them (keypoints first, else
+    masks); the mask labels are kept on their own too, for the ceiling."""
     out, bank = _Collected(), None
     for batch_idx, batch in enumerate(loader):
-        images, labels, annotation, source = _unpack(batch)
+        images, labels, keypoints, masks = _unpack(batch)
         images, labels = images.to(device), labels.to(device).long()
         feats = split.features(images)
         logits = evaluate_head(split.head, feats)
@@ -187,21 +202,29 @@ def _collect(split: ModelSplit, loader: Iterable, bank_per_class: int, device: t
         b = labels.numel()
         ids = torch.stack([torch.zeros(b, dtype=torch.long), torch.full((b,), batch_idx),
                            torch.arange(b)], 1)
-        bank.add(feats[correct], labels[correct], ids[correct.cpu()].to(device))
-        labels_cells = None
-        if annotation is not None:
-            labels_cells = _cell_parts(annotation.to(device), source, tuple(images.shape[2:]),
-                                       grid, min_coverage).cpu()
-            out.label_source = source
-            for pos in correct.nonzero().flatten().tolist():
-                out.ref_parts[(0, batch_idx, pos)] = labels_cells[pos]
+        bank.add(feats[correct], labels[correct], ids[correct.cpu()].to(device), replace=False)
+        mask_cells = cells = None
+        if masks is not None:
+            cells = masks_to_cell_parts(masks.to(device), grid, min_coverage=min_coverage).cpu()
+            # the ceiling swaps every cell a part touches at all
+            mask_cells = masks_to_cell_parts(masks.to(device), grid, min_coverage=1e-6).cpu()
+        if keypoints is not None:
+            cells = keypoints_to_cell_parts(keypoints.to(device), tuple(images.shape[2:]), grid,
+                                            radius=radius).cpu()
         wrong = (~correct).nonzero().flatten()
+        for found, store, per_ref in ((cells, out.parts, out.ref_parts),
+                                      (mask_cells, out.mask_parts, out.ref_mask_parts)):
+            if found is None:
+                continue
+            for pos in correct.nonzero().flatten().tolist():
+                per_ref[(0, batch_idx, pos)] = found[pos]
+            store.append(found[wrong.cpu()])
+        if cells is not None:
+            out.label_source = "keypoints" if keypoints is not None else "masks"
         out.feats.append(feats[wrong].float())
         out.true.append(labels[wrong].cpu())
         out.pred.append(pred[wrong].cpu())
         out.position.append(wrong.cpu() + out.num_val)
-        if labels_cells is not None:
-            out.parts.append(labels_cells[wrong.cpu()])
         out.num_val += b
         out.num_correct += int(correct.sum())
     if bank is None:
@@ -211,22 +234,18 @@ def _collect(split: ModelSplit, loader: Iterable, bank_per_class: int, device: t
 
 def _absent(head: Any, bank: ReferenceBank, queries: torch.Tensor, true: torch.Tensor,
             pred: torch.Tensor, config: SearchConfig) -> torch.Tensor:
-    """What each query cell becomes when "absent": its most cosine-similar cell among the
-    ``absent_fraction`` of reference cells with most evidence for ``true`` over ``pred`` (by default
-    all) in the bank's maps of its true class, exactly as the FG-VCE search defines it. The same maps serve
-    every ranking, so their AUCs compare the rankings only."""
+    """What each query cell becomes when "absent": its corresponding cell in the best-aligned
+    reference of its true class, exactly as the FG-VCE search defines it. The same maps serve every
+    ranking, so their AUCs compare the rankings only."""
     n, c, h, w = queries.shape
     refs, _, valid = bank.gather(true.to(bank.device))
     refs, valid = refs.to(queries.device, torch.float32), valid.to(queries.device)
     if refs.shape[1] == 0:
         return queries.clone()
-    scores = reference_cell_scores(head, refs, valid, true, pred, chunk_size=config.chunk_size)
-    cand = select_candidates(scores, valid, config.absent_fraction, (h, w))
-    best_sim, best_cell = match_cells(queries, refs, cand, config.max_offset)    # (N, HW, K)
-    top_ref = best_sim.argmax(2)
-    top_cell = best_cell.gather(2, top_ref[:, :, None]).squeeze(2)
-    rows = torch.arange(n, device=queries.device)[:, None]
-    absent = refs.flatten(3)[rows, top_ref, :, top_cell].transpose(1, 2).reshape(n, c, h, w)
+    _, _, aligned = align_references(queries.float(), refs, valid, max_shift=config.max_shift,
+                                     mirror=config.mirror, channels=c - config.protected_channels,
+                                     keep=1)
+    absent = aligned[:, 0].reshape(n, c, h, w)
     none = ~valid.any(1)               # no reference of the class: nothing changes
     return torch.where(none[:, None, None, None], queries, absent)
 
@@ -266,21 +285,28 @@ def _distinguishing_scores(exps: Sequence[Explanation], dist_cells: torch.Tensor
 
 def _run(name: str, split: ModelSplit, queries: torch.Tensor, true: torch.Tensor,
          pred: torch.Tensor, bank: ReferenceBank, config: SearchConfig,
-         modules: Sequence[nn.Module], greedy_max_cells: Optional[int]) -> list[Explanation]:
+         modules: Sequence[nn.Module], greedy_max_cells: Optional[int],
+         labels: Optional[torch.Tensor], ref_labels: dict) -> list[Explanation]:
+    """One strategy on the queries; the FG-VCE searches (but ``fgvce-features``) use the part
+    labels to restrict the correspondence, as the monitor does when the data has annotations."""
     if name == "greedy":
         return greedy_search(split.head, queries, true, pred, bank, config,
                              max_cells=greedy_max_cells, modules=modules)
     cfg = SearchConfig(**{**config.__dict__, "region_order": _REGION_ORDER[name]})
-    return counterfactual_search(split.head, queries, true, pred, bank, cfg, modules=modules)
+    annotated = labels is not None and name != "fgvce-features"
+    return counterfactual_search(split.head, queries, true, pred, bank, cfg, modules=modules,
+                                 query_parts=labels.to(queries.device) if annotated else None,
+                                 reference_parts=ref_labels if annotated else None)
 
 
 def evaluate_model(model: nn.Module, val_loader: Iterable, *, split: Optional[ModelSplit] = None,
                    layer: Optional[str] = None, at: str = "penultimate", max_queries: int = 64,
-                   bank_per_class: int = 16, part_names: Optional[Sequence[str]] = None,
+                   bank_per_class: int = 64, part_names: Optional[Sequence[str]] = None,
                    seed: int = 0, device: str | torch.device = "cpu",
                    strategies: Sequence[str] = STRATEGIES, config: Optional[SearchConfig] = None,
                    greedy_max_cells: Optional[int] = None, near_radius: int = 0,
-                   min_coverage: float = 0.2, auc_steps: Optional[int] = 16) -> EvaluationResult:
+                   min_coverage: float = 0.2, auc_steps: Optional[int] = 16,
+                   keypoint_radius: float = 1.0, known_answers: bool = True) -> EvaluationResult:
     """Explain the same validation mistakes with every strategy and measure them.
 
     Args:
@@ -291,7 +317,8 @@ def evaluate_model(model: nn.Module, val_loader: Iterable, *, split: Optional[Mo
         layer: see :func:`split_model`.
         at: see :func:`split_model`.
         max_queries: most mistakes explained (a seeded random subset, in loader order).
-        bank_per_class: reference maps kept per class (the last correct ones in loader order).
+        bank_per_class: reference maps kept per class (the monitor's default; the first correct
+            ones in loader order, as the monitor keeps them).
         part_names: names of the annotated parts; default ``dataset.part_names`` or ``part k``.
         seed: seeds the query subset and the searches.
         device: where features, bank and searches live.
@@ -302,6 +329,12 @@ def evaluate_model(model: nn.Module, val_loader: Iterable, *, split: Optional[Mo
         near_radius: neighbourhood radius of the Near-part hit rate.
         min_coverage: mask coverage for a cell to carry a part.
         auc_steps: steps of the deletion / insertion curves (``None``: one cell per step).
+        keypoint_radius: the Near-KP radius of the keypoint labels, in cells.
+        known_answers: when the data set names the parts that separate two classes
+            (``dataset.distinguishing_parts``), score the explanations against them, measure the
+            ceiling (masks needed) and, when it can draw its images again
+            (``SyntheticBirds.render``), the cause of every mistake (see
+            :mod:`fgvce_lightning.known_answers`; needs an unshuffled loader).
 
     Returns:
         The :class:`EvaluationResult`.
@@ -318,7 +351,8 @@ def evaluate_model(model: nn.Module, val_loader: Iterable, *, split: Optional[Mo
     config = config if config is not None else SearchConfig(seed=seed)
     modules = [model] if isinstance(model, nn.Module) else []
     with preserved_training_flags(*modules), torch.no_grad():
-        col, bank = _collect(split, val_loader, bank_per_class, device, min_coverage)
+        col, bank = _collect(split, val_loader, bank_per_class, device, min_coverage,
+                             keypoint_radius)
     feats = torch.cat(col.feats)
     true_all, pred_all, pos_all = torch.cat(col.true), torch.cat(col.pred), torch.cat(col.position)
     g = torch.Generator().manual_seed(int(seed))
@@ -347,19 +381,36 @@ def evaluate_model(model: nn.Module, val_loader: Iterable, *, split: Optional[Mo
     if len(true) and any(s != "greedy" for s in strategies):
         with preserved_training_flags(*modules):
             absent = _absent(split.head, bank, queries, true.to(device), pred.to(device), config)
+    separating = getattr(dataset, "distinguishing_parts", None) if known_answers else None
+    ceiling, causes, ctx = None, None, None
+    if callable(separating) and len(true):
+        with preserved_training_flags(*modules):
+            ceiling, causes, ctx = _known_answers(split, bank, col, dataset, queries, true, pred,
+                                                  pick, pos_all, names, device)
     results = []
     for name in strategies:
         start = time.perf_counter()
         exps = _run(name, split, queries, true.to(device), pred.to(device), bank, config, modules,
-                    greedy_max_cells) if len(true) else []
+                    greedy_max_cells, labels, col.ref_parts) if len(true) else []
         seconds = time.perf_counter() - start
         done = [e for e in exps if not e.skipped]
-        near = same = hit = chance = dele = ins = math.nan
+        near = same = hit = chance = dele = ins = consistency = math.nan
+        scores, cause_rates = None, {}
         if labels is not None and done:
             near = near_part_hit_rate(exps, labels, col.ref_parts, radius=near_radius)
             same = same_part_hit_rate(exps, labels, col.ref_parts)
+            judged = assign_parts(exps, names, labels, col.ref_parts)
+            cells = sum(sum(a.judged_cells) for a in judged)
+            consistency = sum(sum(a.consistent_cells) for a in judged) / cells if cells else math.nan
         if dist_cells is not None:
             hit, chance = _distinguishing_scores(exps, dist_cells)
+        if callable(separating) and labels is not None and done:
+            firsts, unlabelled = first_edits_from_explanations(exps, labels, names)
+            scores = separating_part_scores(firsts, separating, unlabelled=unlabelled)
+            if causes is not None:
+                order = [e.query_index for e in exps if not e.skipped and e.edits]
+                cause_rates = names_cause(firsts, [causes[i] for i in order], ctx[order],
+                                          separating)
         ranked = [e for e in done if e.contributions is not None]
         if ranked:
             idx = torch.tensor([e.query_index for e in ranked])
@@ -375,13 +426,83 @@ def evaluate_model(model: nn.Module, val_loader: Iterable, *, split: Optional[Mo
             head_evaluations=(sum(e.head_evaluations for e in done) / len(done)) if done
             else math.nan, seconds=seconds, near_part=near, same_part=same,
             distinguishing_hit=hit, distinguishing_chance=chance, deletion_auc=dele,
-            insertion_auc=ins, explanations=tuple(exps)))
+            insertion_auc=ins, consistency=consistency, separating=scores, causes=cause_rates,
+            explanations=tuple(exps)))
     return EvaluationResult(
         strategies=tuple(results), num_val=col.num_val, num_mistakes=int(feats.shape[0]),
         num_queries=int(len(true)), accuracy=col.num_correct / max(col.num_val, 1),
         bank_size=len(bank), grid=grid, part_names=names, label_source=col.label_source,
         distinguishing_cell_share=share, query_indices=tuple(pos_all[pick].tolist()), bank=bank,
-        seed=int(seed))
+        seed=int(seed), ceiling=ceiling,
+        cause_counts=None if causes is None else {k: causes.count(k) for k in CAUSES})
+
+
+def ground_truth_for(model: nn.Module, val_loader: Iterable, positions: Sequence[int], *,
+                     split: Optional[ModelSplit] = None, bank_per_class: int = 64,
+                     device: str | torch.device = "cpu", min_coverage: float = 0.2
+                     ) -> tuple[Optional[Rate], Optional[list], Optional[torch.Tensor]]:
+    """The ceiling and the causes of given validation mistakes (e.g. those a report explained).
+
+    Args:
+        model: the trained classifier.
+        val_loader: the unshuffled validation loader of a data set that can draw its images again
+            (:class:`~fgvce_lightning.datasets.SyntheticBirds`).
+        positions: loader-order indices of the mistakes (``batch_idx * batch_size + position``).
+
+    Returns:
+        ``(ceiling, causes, context cells)`` as :func:`evaluate_model` measures them, for the
+        positions that are mistakes of ``model`` (in the order given); ``None`` where the data
+        cannot say.
+    """
+    device = torch.device(device)
+    split = split if split is not None else split_model(model)
+    modules = [model] if isinstance(model, nn.Module) else []
+    dataset = getattr(val_loader, "dataset", None)
+    with preserved_training_flags(*modules), torch.no_grad():
+        col, bank = _collect(split, val_loader, bank_per_class, device, min_coverage, 1.0)
+        where = {int(p): k for k, p in enumerate(torch.cat(col.position).tolist())}
+        pick = torch.tensor([where[int(p)] for p in positions if int(p) in where],
+                            dtype=torch.long)
+        feats = torch.cat(col.feats)
+        names = tuple(getattr(dataset, "part_names", ()) or ())
+        return _known_answers(split, bank, col, dataset, feats[pick], torch.cat(col.true)[pick],
+                              torch.cat(col.pred)[pick], pick, torch.cat(col.position), names,
+                              device)
+
+
+def _known_answers(split: ModelSplit, bank: ReferenceBank, col: _Collected, dataset: Any,
+                   queries: torch.Tensor, true: torch.Tensor, pred: torch.Tensor,
+                   pick: torch.Tensor, positions: torch.Tensor, names: Sequence[str],
+                   device: torch.device) -> tuple[Optional[Rate], Optional[list], Optional[torch.Tensor]]:
+    """The ceiling (from the masks) and the causes of the picked mistakes (``None`` each when the
+    data cannot give them)."""
+    ceiling = None
+    if col.mask_parts and names:
+        index = {n: k for k, n in enumerate(names)}
+        masks = torch.cat(col.mask_parts)[pick]
+        refs, ref_parts, seps = [], [], []
+        for t, p in zip(true.tolist(), pred.tolist()):
+            maps, ids = bank.get(t)
+            refs.append(maps.to(device))
+            ref_parts.append(torch.stack([col.ref_mask_parts[tuple(i)] for i in ids.tolist()])
+                             if len(ids) else torch.zeros(0, *masks.shape[1:], dtype=torch.bool))
+            sep = torch.zeros(len(names), dtype=torch.bool)
+            for part in dataset.distinguishing_parts(t, p):
+                if part in index:
+                    sep[index[part]] = True
+            seps.append(sep)
+        ceiling = separating_part_ceiling(split.head, queries, true.to(device), masks, refs,
+                                          ref_parts, seps)
+    causes = ctx = None
+    if callable(getattr(dataset, "render", None)):
+        try:
+            indices = positions[pick].tolist()
+            causes = mistake_causes(lambda x: evaluate_head(split.head, split.features(x.to(device))),
+                                    dataset, indices, true.tolist(), pred.tolist())
+            ctx = context_cells(dataset, indices, tuple(queries.shape[2:]))
+        except TypeError:            # a render() without the counterfactual options
+            causes = ctx = None
+    return ceiling, causes, ctx
 
 
 _ROWS = (
@@ -393,8 +514,14 @@ _ROWS = (
     ("seconds (all queries)", "seconds", "{:.1f}"),
     ("Near-part hit rate", "near_part", "{:.3f}"),
     ("Same-part hit rate", "same_part", "{:.3f}"),
-    ("distinguishing-part hit", "distinguishing_hit", "{:.3f}"),
+    ("semantic consistency (cells)", "consistency", "{:.3f}"),
+    ("first edit names separating part", "distinguishing_hit", "{:.3f}"),
     ("  chance, same edit size", "distinguishing_chance", "{:.3f}"),
+    ("  most of its cells' part", lambda s: s.separating and s.separating.first_edit_main, "rate"),
+    ("pairs >= 5: dominant separates", lambda s: s.separating and s.separating.pairs, "count"),
+    ("first edit names known cause", lambda s: s.causes.get("known"), "rate"),
+    ("  cause part / both", lambda s: _pooled(s.causes, ("part", "both")), "rate"),
+    ("  cause context (blob, leaf)", lambda s: s.causes.get("context"), "rate"),
     ("deletion AUC (lower=better)", "deletion_auc", "{:.3f}"),
     ("insertion AUC (higher=better)", "insertion_auc", "{:.3f}"),
 )
@@ -421,101 +548,27 @@ def format_table(result: EvaluationResult) -> str:
     for label, attr, fmt in _ROWS:
         cells = []
         for s in result.strategies:
-            value = getattr(s, attr)
-            text = "-" if isinstance(value, float) and math.isnan(value) else fmt.format(value)
+            value = attr(s) if callable(attr) else getattr(s, attr)
+            if fmt in ("rate", "count"):
+                text = "-" if not value or not value.total else (
+                    f"{value.hits}/{value.total}" if fmt == "count" else f"{value.value:.3f}")
+            else:
+                text = "-" if isinstance(value, float) and math.isnan(value) else fmt.format(value)
             cells.append(text.rjust(col_w))
         lines.append(label.ljust(label_w) + "".join(cells))
+    if result.ceiling is not None:
+        lines.append(f"\nceiling: the separating part's cells alone (from the masks), swapped with "
+                     f"the same part of the best reference, flip {result.ceiling}")
+    if result.cause_counts:
+        lines.append("causes (each mistake drawn again with the separating trait exact / without "
+                     "the blobs and the leaf): " + ", ".join(
+                         f"{k} {result.cause_counts[k]}" for k in CAUSES))
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------- discovered-part purity
-@dataclass(frozen=True)
-class PurityResult:
-    """How well clusters (discovered part prototypes) match ground-truth parts.
-
-    Attributes:
-        purity: ``Σ_clusters max_part count(cluster, part) / N`` over all ``N`` cells.
-        majority_baseline: share of the most frequent ground-truth label (the purity of a single
-            cluster holding every cell).
-        part_names: ground-truth label names (the last one is ``"background"`` when present).
-        precision: per label, ``count(c*, p) / |c*|`` for its best cluster ``c*`` (highest F1).
-        recall: per label, ``count(c*, p) / |p|``.
-        best_cluster: per label, ``c*`` (``-1`` when the label has no cell).
-        counts: ``(num_clusters, num_labels)`` contingency table.
-    """
-
-    purity: float
-    majority_baseline: float
-    part_names: tuple[str, ...]
-    precision: tuple[float, ...]
-    recall: tuple[float, ...]
-    best_cluster: tuple[int, ...]
-    counts: torch.Tensor = field(repr=False, compare=False)
-
-
-def cell_majority_parts(masks: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
-    """Ground-truth part of every feature-grid cell: the label covering most of the cell.
-
-    Args:
-        masks: ``(N, P, S, S)`` bool (disjoint) part masks.
-        grid: ``(H, W)``.
-
-    Returns:
-        ``(N, H, W)`` int64 in ``[0, P]``: the part (or background, id ``P``: the pixels no part
-        covers) with the largest coverage of the cell.
-    """
-    if not isinstance(masks, torch.Tensor) or masks.dim() != 4:
-        raise ValueError(f"Expected `masks` of shape (N, P, S, S), but got "
-                         f"{tuple(getattr(masks, 'shape', ())) or type(masks).__name__}.")
-    n, p = masks.shape[:2]
-    cover = F.adaptive_avg_pool2d(masks.float().flatten(0, 1)[:, None], tuple(grid))
-    cover = cover.view(n, p, *grid)
-    background = (1.0 - cover.sum(1, keepdim=True)).clamp_min(0.0)
-    return torch.cat([cover, background], 1).argmax(1)
-
-
-def prototype_purity(cluster_ids: torch.Tensor, part_ids: torch.Tensor, num_clusters: int,
-                     part_names: Sequence[str]) -> PurityResult:
-    """Purity and per-part best-cluster precision / recall of a clustering of cells.
-
-    Args:
-        cluster_ids: ``(...)`` int64 cluster of every cell (e.g. :meth:`PartPrototypes.assign`).
-        part_ids: ``(...)`` int64 ground-truth label of every cell, in ``[0, len(part_names))``
-            (e.g. :func:`cell_majority_parts`, with ``"background"`` as the last name).
-        num_clusters: number of clusters.
-        part_names: label names.
-
-    Returns:
-        The :class:`PurityResult`.
-    """
-    if not isinstance(cluster_ids, torch.Tensor) or not isinstance(part_ids, torch.Tensor) \
-            or cluster_ids.shape != part_ids.shape:
-        raise ValueError(f"Expected `cluster_ids` and `part_ids` tensors of the same shape, but got "
-                         f"{tuple(getattr(cluster_ids, 'shape', ()))} and "
-                         f"{tuple(getattr(part_ids, 'shape', ()))}.")
-    k, p = int(num_clusters), len(part_names)
-    c, t = cluster_ids.flatten().long().cpu(), part_ids.flatten().long().cpu()
-    if c.numel() == 0:
-        raise ValueError("Expected at least one cell to score, but got none.")
-    if int(c.min()) < 0 or int(c.max()) >= k or int(t.min()) < 0 or int(t.max()) >= p:
-        raise ValueError(f"Expected cluster ids in [0, {k}) and part ids in [0, {p}), but got "
-                         f"[{int(c.min())}, {int(c.max())}] and [{int(t.min())}, {int(t.max())}].")
-    counts = torch.bincount(c * p + t, minlength=k * p).view(k, p).double()
-    n = float(c.numel())
-    size_c, size_p = counts.sum(1, keepdim=True), counts.sum(0, keepdim=True)
-    precision = counts / size_c.clamp_min(1)
-    recall = counts / size_p.clamp_min(1)
-    f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
-    best = f1.argmax(0)
-    cols = torch.arange(p)
-    has = size_p[0] > 0
-    return PurityResult(
-        purity=float(counts.max(1).values.sum() / n),
-        majority_baseline=float(size_p.max() / n), part_names=tuple(part_names),
-        precision=tuple(float(x) for x in precision[best, cols]),
-        recall=tuple(float(x) for x in recall[best, cols]),
-        best_cluster=tuple(int(b) if h else -1 for b, h in zip(best.tolist(), has.tolist())),
-        counts=counts.long())
+def _pooled(rates: dict, keys: Sequence[str]) -> Optional[Rate]:
+    found = [rates[k] for k in keys if k in rates]
+    return Rate(sum(r.hits for r in found), sum(r.total for r in found)) if found else None
 
 
 # ---------------------------------------------------------------------- CLI glue

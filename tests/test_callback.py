@@ -240,8 +240,11 @@ def test_keypoint_batches_give_named_annotated_parts(tmp_path):
     monitor = _monitor(part_names=PART_NAMES, report_dir=tmp_path / "r")
     _trainer(tmp_path, [monitor], max_epochs=1).fit(TinyClassifier(), train, val)
     report = _reports(tmp_path / "r")["epoch_000"]
-    assert [(p["name"], p["source"]) for p in report["parts"]] == [("top", "keypoints"),
-                                                                   ("bottom", "keypoints")]
+    names = [(p["name"], p["source"]) for p in report["parts"]]
+    # the cells near no keypoint are background, a part of their own when an edit names it
+    assert names[:2] == [("top", "keypoints"), ("bottom", "keypoints")]
+    assert names[2:] in ([], [("background", "keypoints")])
+    assert all(e["parts"] for s in report["samples"] for e in s["edits"])   # never unlabelled
     explained = [s for s in monitor.last_result.samples if not s.explanation.skipped]
     assert explained
     for s in explained:   # keypoints at (row 3, col 8) and (row 12, col 8) → cells (0, 2), (3, 2)

@@ -41,6 +41,11 @@ def test_demo_trains_explains_and_prints_where_outputs_are(tmp_path, capsys):
     validate_report(report)
     assert report["epoch"] == 0 and report["parts"][0]["source"] == "keypoints"
     assert list((tmp_path / "lightning_logs" / "version_0").glob("events.out.tfevents.*"))
+    # the known answers of that report, counted over its explained samples
+    explained = sum(s["skipped_reason"] is None and bool(s["edits"]) for s in report["samples"])
+    assert f"Known answers, epoch 0 ({explained} explained mistakes" in out
+    assert "first edit names a separating part" in out and "ceiling:" in out
+    assert "what caused the mistakes" in out
 
 
 def test_python_dash_m_entry_point_shows_help():

@@ -53,16 +53,22 @@ def test_all_strategies_measured_in_range(trained, result):
     assert result.num_val == 96 and 0.0 < result.accuracy < 1.0
     assert result.num_mistakes == round(96 * (1 - result.accuracy))
     assert result.num_queries == min(12, result.num_mistakes)
-    assert result.label_source == "masks" and result.part_names == PART_NAMES
+    # the monitor's labels: keypoints first (Near-KP), masks kept for the ceiling
+    assert result.label_source == "keypoints" and result.part_names == PART_NAMES
     assert result.grid == (SIZE // 8, SIZE // 8)
     assert 0.0 < result.distinguishing_cell_share < 1.0
     for s in result.strategies:
         assert s.num_explained > 0, s.name
         assert len(s.explanations) == result.num_queries
-        assert {e.method for e in s.explanations if not e.skipped} == {s.name}
+        assert {e.method for e in s.explanations if not e.skipped} == {s.name.split("-")[0]}
         for rate in (s.flip_rate, s.near_part, s.same_part, s.distinguishing_hit,
-                     s.distinguishing_chance):
+                     s.distinguishing_chance, s.consistency):
             assert 0.0 <= rate <= 1.0, (s.name, rate)
+        # the known answers: the same first edits, scored against the separating parts
+        assert s.separating is not None and s.separating.first_edit.total == s.num_explained
+        assert s.separating.first_edit.value == pytest.approx(s.distinguishing_hit)
+        assert s.separating.edits_unlabelled.hits == 0
+        assert sum(r.total for k, r in s.causes.items() if k != "known") == s.num_explained
         assert s.same_part <= 1.0 and s.head_evaluations >= 1 and s.seconds >= 0
         if not math.isnan(s.edits_to_flip):
             assert 1.0 <= s.edits_to_flip <= s.cells_to_flip
@@ -72,6 +78,8 @@ def test_all_strategies_measured_in_range(trained, result):
     greedy = result.strategy("greedy")
     assert math.isnan(greedy.deletion_auc) and greedy.edits_to_flip == greedy.cells_to_flip or \
         math.isnan(greedy.edits_to_flip)
+    assert 0 <= result.ceiling.hits <= result.ceiling.total == result.num_queries
+    assert sum(result.cause_counts.values()) == result.num_queries
     with pytest.raises(KeyError, match="Expected one of"):
         result.strategy("nope")
 
@@ -79,9 +87,9 @@ def test_all_strategies_measured_in_range(trained, result):
 def test_distinguishing_hit_rate_matches_a_direct_count(trained, result):
     _, loader = trained
     ds = loader.dataset
-    masks = torch.stack([ds[i]["masks"] for i in result.query_indices])
-    from fgvce_lightning.parts.annotations import masks_to_cell_parts
-    cells = masks_to_cell_parts(masks, result.grid)
+    keypoints = torch.stack([ds[i]["keypoints"] for i in result.query_indices])
+    from fgvce_lightning.parts.annotations import keypoints_to_cell_parts
+    cells = keypoints_to_cell_parts(keypoints, (SIZE, SIZE), result.grid, radius=1.0)
     s = result.strategy("fgvce")
     hits, n = 0, 0
     for e in s.explanations:
@@ -99,10 +107,13 @@ def test_table_lists_every_strategy_and_metric(result):
     for name in STRATEGIES:
         assert name in table
     for metric in ("flip rate", "edits to flip", "head evals", "Near-part", "Same-part",
-                   "distinguishing-part hit", "chance", "deletion AUC", "insertion AUC",
-                   "accuracy", "per-cell chance"):
+                   "first edit names separating part", "chance", "deletion AUC", "insertion AUC",
+                   "accuracy", "per-cell chance", "semantic consistency", "known cause",
+                   "pairs >= 5", "ceiling:", "causes ("):
         assert metric in table
-    assert len({len(line) for line in table.splitlines()[-12:]}) == 1   # aligned columns
+    rows = [line for line in table.splitlines() if line.startswith(("flip rate", "edits to",
+                                                                     "insertion", "  most"))]
+    assert len(rows) == 4 and len({len(line) for line in rows}) == 1   # aligned columns
 
 
 def test_deterministic_by_seed(trained, result):

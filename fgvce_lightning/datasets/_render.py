@@ -12,12 +12,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["PART_NAMES", "render_birds"]
+__all__ = ["PART_NAMES", "CONTEXT_ID", "render_birds"]
 
 PART_NAMES: tuple[str, ...] = ("body", "head", "beak", "eye", "wing", "tail", "legs")
 """Annotated parts, in the order of the ``keypoints`` rows and ``masks`` channels."""
 
 _BODY, _HEAD, _BEAK, _EYE, _WING, _TAIL, _LEGS = range(len(PART_NAMES))
+CONTEXT_ID = -2
+"""``part_ids`` of the background blobs and the occluding leaf (the branch and the sky are -1)."""
 
 # Colours, RGB in [0, 1]. Attribute level 0 → first colour, level 1 → second (interpolated).
 _BEAK_COLOURS = ((0.95, 0.82, 0.15), (0.80, 0.22, 0.08))
@@ -124,7 +126,8 @@ def render_birds(p: dict[str, Tensor], image_size: int) -> tuple[Tensor, Tensor,
 
     Returns:
         ``image`` ``(N, 3, S, S)`` float32 in [0, 1]; ``part_ids`` ``(N, S, S)`` int64 with the part
-        index whose pixels are visible there (``-1``: background or occluder); ``anchors``
+        index whose pixels are visible there (``-1``: background or branch, ``CONTEXT_ID``: a
+        background blob or the occluding leaf); ``anchors``
         ``(N, P, 2)`` float32 part anchor points ``(x, y)`` in pixels.
     """
     n, s = p["cx"].shape[0], image_size
@@ -146,7 +149,7 @@ def render_birds(p: dict[str, Tensor], image_size: int) -> tuple[Tensor, Tensor,
     for k in range(clutter.shape[1]):                      # a fixed handful of layers
         c = clutter[:, k]
         m = _ellipse(xn, yn, c[:, 0], c[:, 1], c[:, 2], c[:, 3], c[:, 4]).logical_and_(_c(c[:, 8] > 0.5))
-        canvas.paint(m, c[:, 5:8], -1)
+        canvas.paint(m, c[:, 5:8], CONTEXT_ID)
 
     hu, hv, hr = 0.5 + p["head_du"], -0.32 + p["head_dv"], p["head_r"]
     beak_len = (0.22 + 0.2 * p["t"][:, 0].clamp(-0.25, 1.25)) * p["beak_scale"]
@@ -200,7 +203,7 @@ def render_birds(p: dict[str, Tensor], image_size: int) -> tuple[Tensor, Tensor,
     # --- an occluding leaf in front -----------------------------------------------------------
     o = p["occluder"]
     leaf = _ellipse(xn, yn, o[:, 0], o[:, 1], o[:, 2], o[:, 3], o[:, 4]).logical_and_(_c(o[:, 8] > 0.5))
-    canvas.paint(leaf, o[:, 5:8], -1)
+    canvas.paint(leaf, o[:, 5:8], CONTEXT_ID)
     on_bird &= ~leaf
 
     # --- background gradient, light from above (pose only, never the class), sensor noise ----

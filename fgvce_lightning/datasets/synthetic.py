@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from fgvce_lightning.datasets._render import HEAD_COLOUR, PART_NAMES, TAIL_COLOUR, WING_COLOUR, render_birds
+from fgvce_lightning.datasets._render import (CONTEXT_ID, HEAD_COLOUR, PART_NAMES, TAIL_COLOUR, WING_COLOUR,
+                                              render_birds)
 
 __all__ = [
     "PART_NAMES",
@@ -269,39 +270,65 @@ class SyntheticBirds(Dataset):
             return {k: v[index] for k, v in self._cache.items()}
         return {k: v[0] for k, v in self.render([index]).items()}
 
-    def render(self, indices: Iterable[int], labels: Sequence[int] | Tensor | None = None) -> dict[str, Tensor]:
-        """Render items as a batch, optionally forcing their classes.
+    def render(self, indices: Iterable[int], labels: Sequence[int] | Tensor | None = None, *,
+               exact_parts: Iterable[str] = (), clutter: bool = True, occluder: bool = True,
+               context: bool = False) -> dict[str, Tensor]:
+        """Render items as a batch, optionally forcing their classes or taking parts of the scene
+        away: the counterfactual images that say what caused a mistake.
 
         The pose, background, clutter, colour jitter, trait jitter and noise of item ``i`` depend
         only on ``(seed, split, i)``; ``labels`` only changes the species' traits. Rendering the
         same index with two classes therefore changes only the pixels of the parts that
-        :func:`distinguishing_parts` names.
+        :func:`distinguishing_parts` names. Likewise ``exact_parts`` draws those parts' traits at
+        their species' exact variant (no ``attribute_noise``), and ``clutter=False`` /
+        ``occluder=False`` leave the background blobs / the leaf out, everything else unchanged.
 
         Args:
             indices: item indices (any non-negative integers).
             labels: classes to draw instead of the items' own (same length as ``indices``).
+            exact_parts: parts (of :data:`PART_NAMES`) whose trait is drawn without jitter.
+            clutter: draw the background blobs.
+            occluder: draw the occluding leaf.
+            context: also return ``"context"`` ``(N, S, S)`` bool, the visible pixels of the
+                blobs and the leaf (the scenery that is not the bird and not the branch).
 
         Returns:
             A batch dict like a collated ``DataLoader`` batch (``image``, ``label``, ``keypoints``,
-            ``masks``, ``index``), with ``N = len(indices)``.
+            ``masks``, ``index``, and ``context`` when asked for), with ``N = len(indices)``.
         """
         indices = [int(i) for i in indices]
         if any(i < 0 for i in indices):
             raise ValueError(f"Expected non-negative `indices`, but got {indices}.")
-        p, own_labels = self._sample_params(indices, labels)
+        exact = tuple(exact_parts)
+        unknown = sorted(set(exact) - {a.part for a in ATTRIBUTES})
+        if unknown:
+            raise ValueError(f"Expected `exact_parts` among the parts with a trait "
+                             f"{[a.part for a in ATTRIBUTES]}, but got {unknown}.")
+        p, own_labels = self._sample_params(indices, labels, exact=exact)
+        if not clutter:
+            p["clutter"][..., 8] = 0.0
+        if not occluder:
+            p["occluder"][:, 8] = 0.0
         n, s, parts = len(indices), self.image_size, len(PART_NAMES)
         if n == 0:
-            return {"image": torch.zeros(0, 3, s, s), "label": torch.zeros(0, dtype=torch.int64),
-                    "keypoints": torch.zeros(0, parts, 3), "masks": torch.zeros(0, parts, s, s, dtype=torch.bool),
-                    "index": torch.zeros(0, dtype=torch.int64)}
+            out = {"image": torch.zeros(0, 3, s, s), "label": torch.zeros(0, dtype=torch.int64),
+                   "keypoints": torch.zeros(0, parts, 3), "masks": torch.zeros(0, parts, s, s, dtype=torch.bool),
+                   "index": torch.zeros(0, dtype=torch.int64)}
+            if context:
+                out["context"] = torch.zeros(0, s, s, dtype=torch.bool)
+            return out
         with _single_thread():
             image, part_ids, anchors = render_birds(p, s)
         masks = part_ids[:, None] == torch.arange(parts)[None, :, None, None]
         keypoints = _snap_keypoints(anchors, masks, radius=0.25 * p["scale"])
-        return {"image": image, "label": own_labels, "keypoints": keypoints, "masks": masks,
-                "index": torch.tensor(indices, dtype=torch.int64)}
+        out = {"image": image, "label": own_labels, "keypoints": keypoints, "masks": masks,
+               "index": torch.tensor(indices, dtype=torch.int64)}
+        if context:
+            out["context"] = part_ids == CONTEXT_ID
+        return out
 
-    def _sample_params(self, indices: list[int], labels: Sequence[int] | Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
+    def _sample_params(self, indices: list[int], labels: Sequence[int] | Tensor | None,
+                       exact: tuple[str, ...] = ()) -> tuple[dict[str, Tensor], Tensor]:
         """Draw every random quantity of the items from their own streams (fixed draw counts)."""
         n, s, split = len(indices), self.image_size, _SPLITS[self.split]
         uni = torch.empty(n, _NUM_UNIFORMS)
@@ -362,7 +389,8 @@ class SyntheticBirds(Dataset):
         p["brightness"], p["contrast"] = take(-0.08, 0.08), take(0.8, 1.15)
         p["noise_std"] = self.noise_std * take(0.5, 1.5)
         p["noise"] = noise
-        p["t"] = self._levels[drawn] + self.attribute_noise * gauss
+        jitter = torch.tensor([0.0 if a.part in exact else 1.0 for a in ATTRIBUTES])
+        p["t"] = self._levels[drawn] + self.attribute_noise * gauss * jitter
         return p, drawn
 
 

@@ -20,7 +20,8 @@ from torch import nn
 from ._util import Head, evaluate_head, preserved_rng_state, preserved_training_flags
 from .bank import ReferenceBank
 from .results import Edit, Explanation
-from .search import SearchConfig, _Batch, _modules_of, _prepare
+from .config import SearchConfig
+from .queries import QueryBatch, modules_of, prepare_queries
 
 __all__ = ["greedy_search"]
 
@@ -52,9 +53,9 @@ def greedy_search(head: Head, queries: torch.Tensor, true: torch.Tensor, pred: t
     if not isinstance(config, SearchConfig):
         raise TypeError(f"Expected `config` to be a SearchConfig, but got {type(config).__name__}.")
     device = queries.device if isinstance(queries, torch.Tensor) else torch.device("cpu")
-    with preserved_training_flags(*_modules_of(head, modules)), preserved_rng_state([device]), \
+    with preserved_training_flags(*modules_of(head, modules)), preserved_rng_state([device]), \
             torch.no_grad():
-        batch = _prepare(head, queries, true, pred, bank, config, "greedy")
+        batch = prepare_queries(head, queries, true, pred, bank, config, "greedy")
         hw = batch.query.shape[2] * batch.query.shape[3]
         if max_cells is None:
             max_cells = max(1, hw // 2)
@@ -66,7 +67,7 @@ def greedy_search(head: Head, queries: torch.Tensor, true: torch.Tensor, pred: t
         return _greedy(head, batch, config, min(max_cells, hw))
 
 
-def _greedy(head: Head, b: _Batch, config: SearchConfig, max_cells: int) -> list[Explanation]:
+def _greedy(head: Head, b: QueryBatch, config: SearchConfig, max_cells: int) -> list[Explanation]:
     m, c, h, w = b.query.shape
     hw, device = h * w, b.query.device
     rows = torch.arange(m, device=device)
@@ -128,7 +129,7 @@ def _greedy(head: Head, b: _Batch, config: SearchConfig, max_cells: int) -> list
     return _explanations(b, slot, swaps, traj, final, success, cell_sim, w)
 
 
-def _explanations(b: _Batch, slot: torch.Tensor, swaps: torch.Tensor, traj: torch.Tensor,
+def _explanations(b: QueryBatch, slot: torch.Tensor, swaps: torch.Tensor, traj: torch.Tensor,
                   final: torch.Tensor, success: torch.Tensor, cell_sim: torch.Tensor, w: int
                   ) -> list[Explanation]:
     swaps, traj, slot, cell_sim = swaps.cpu(), traj.cpu(), slot.cpu(), cell_sim.cpu()

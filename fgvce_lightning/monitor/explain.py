@@ -117,6 +117,7 @@ def search_local(ctx: ExplainContext, collector: Optional[Collector], run: RunIn
         generator = torch.Generator(device=device).manual_seed(config.seed + run.current_epoch)
         search = _search_fn(config.strategy)
         n, step = queries.shape[0], config.explain_batch_size
+        labels = store.mistakes.get("parts") if config.strategy == "fgvce" else None
         with preserved_training_flags(module), preserved_rng_state([device]), \
                 _preserved_grads(module), torch.no_grad():
             for offset in range(0, n, step):
@@ -125,8 +126,12 @@ def search_local(ctx: ExplainContext, collector: Optional[Collector], run: RunIn
                     break
                 q = queries[offset:offset + step].to(store.feature_dtype)
                 t, p = true[offset:offset + step].to(device), pred[offset:offset + step].to(device)
+                kwargs = {}
+                if labels is not None:   # annotated parts restrict the correspondence
+                    kwargs = {"query_parts": labels[offset:offset + step].to(device),
+                              "reference_parts": lambda key: store.extras.lookup_id("parts", key)}
                 explanations = search(head, q, t, p, store.bank, ctx.search, generator=generator,
-                                      modules=(module,))
+                                      modules=(module,), **kwargs)
                 out.explanations.extend(dataclasses.replace(e, query_index=offset + e.query_index)
                                         for e in explanations)
     except Exception as err:  # noqa: BLE001 - an explanation failure never stops training
@@ -245,6 +250,8 @@ def make_samples(ctx: ExplainContext, collector: Optional[Collector], run: RunIn
             edit_parts=a.edit_parts if a is not None else (),
             reference_parts=a.reference_parts if a is not None else (),
             cell_parts=a.cell_parts if a is not None else None,
+            consistent_cells=a.consistent_cells if a is not None else (),
+            judged_cells=a.judged_cells if a is not None else (),
             rank=int(run.global_rank)))
     return samples, parts
 

@@ -8,10 +8,10 @@ from .annotations import (cell_part_names, keypoints_to_cell_parts, masks_to_cel
 from .assign import PartAssignment, as_cell_parts, assign_parts
 from .prototypes import PartPrototypes
 from .stats import PartHistory, compute_epoch_stats
-from .types import EpochStats, PairStat, PartInfo, PartStat
+from .types import BACKGROUND, EpochStats, PairStat, PartInfo, PartStat
 
 __all__ = [
     "keypoints_to_cell_parts", "masks_to_cell_parts", "part_ids_to_cell_parts", "near_cells",
     "cell_part_names", "PartAssignment", "assign_parts", "as_cell_parts", "PartPrototypes",
-    "compute_epoch_stats", "PartHistory", "PartInfo", "PartStat", "PairStat", "EpochStats",
+    "compute_epoch_stats", "PartHistory", "BACKGROUND", "PartInfo", "PartStat", "PairStat", "EpochStats",
 ]

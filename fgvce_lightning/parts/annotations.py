@@ -2,17 +2,22 @@
 
 A feature-grid cell ``(i, j)`` of an ``H×W`` grid covers the input pixels
 ``[i·H_in/H, (i+1)·H_in/H) × [j·W_in/W, (j+1)·W_in/W)``. A cell carries part ``p`` when the
-part's keypoint falls inside it, or when the part's mask covers at least ``min_coverage`` of it.
+part's keypoint falls inside it or is the nearest keypoint within a radius of it (keypoints), or
+when the part's mask covers enough of it (masks). A cell that carries no part is background:
+:func:`cell_part_names` names it so, never leaves it empty.
 
 Everything here is batched: no Python loop over samples, parts or cells.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .types import BACKGROUND
 
 __all__ = [
     "keypoints_to_cell_parts",
@@ -32,8 +37,19 @@ def _check_size(value: object, name: str) -> tuple[int, int]:
 
 
 def keypoints_to_cell_parts(keypoints: torch.Tensor, input_size: Sequence[int],
-                            grid: Sequence[int]) -> torch.Tensor:
-    """Mark, for every part, the feature-grid cell that contains its keypoint.
+                            grid: Sequence[int], radius: float = 1.0) -> torch.Tensor:
+    """Label feature-grid cells with the parts of nearby keypoints (the Near-KP convention).
+
+    A keypoint is a point, but the part it marks covers more than the one cell it falls in. A cell
+    carries part ``p`` when
+
+    * ``p``'s visible keypoint lies inside the cell, or
+    * ``p``'s keypoint is the visible keypoint nearest to the cell's centre and lies within
+      ``radius`` cells of it (distance measured in cell units, rows and columns scaled to the
+      cell's height and width).
+
+    Cells that carry no part are background (:data:`~fgvce_lightning.parts.types.BACKGROUND` in
+    the names that :func:`cell_part_names` returns).
 
     Args:
         keypoints: ``(N, P, 3)`` as ``(x, y, visible)`` in input pixels (x = column, y = row, the
@@ -42,9 +58,11 @@ def keypoints_to_cell_parts(keypoints: torch.Tensor, input_size: Sequence[int],
             occluded" should not count).
         input_size: ``(H_in, W_in)`` of the input images the keypoints refer to.
         grid: ``(H, W)`` of the feature maps.
+        radius: how far, in cells, the nearest keypoint may be from a cell's centre to label it
+            (``0``: only the cell a keypoint falls in; default ``1.0``: about one cell).
 
     Returns:
-        ``(N, P, H, W)`` bool on ``keypoints.device``; at most one cell per part and sample.
+        ``(N, P, H, W)`` bool on ``keypoints.device``.
 
     Keypoints outside the image (after cropping augmentations this is common) or with non-finite
     coordinates are treated as invisible, silently: the annotation exists but the part is not in
@@ -54,7 +72,7 @@ def keypoints_to_cell_parts(keypoints: torch.Tensor, input_size: Sequence[int],
 
     Raises:
         TypeError: when ``keypoints`` is not a tensor.
-        ValueError: on a wrong shape or size.
+        ValueError: on a wrong shape or size, or a negative radius.
     """
     if not isinstance(keypoints, torch.Tensor):
         raise TypeError(f"Expected `keypoints` to be a torch.Tensor of shape (N, P, 3), but got "
@@ -63,6 +81,10 @@ def keypoints_to_cell_parts(keypoints: torch.Tensor, input_size: Sequence[int],
         hint = " For a single image use `keypoints.unsqueeze(0)`." if keypoints.dim() == 2 else ""
         raise ValueError(f"Expected `keypoints` to have shape (N, P, 3) as (x, y, visible), but got "
                          f"{tuple(keypoints.shape)}.{hint}")
+    if (isinstance(radius, bool) or not isinstance(radius, (int, float)) or not radius >= 0
+            or not math.isfinite(radius)):
+        raise ValueError(f"Expected `radius` to be a non-negative number of cells, but got "
+                         f"{radius!r}.")
     h_in, w_in = _check_size(tuple(input_size), "input_size")
     gh, gw = _check_size(tuple(grid), "grid")
     n, p, _ = keypoints.shape
@@ -70,19 +92,30 @@ def keypoints_to_cell_parts(keypoints: torch.Tensor, input_size: Sequence[int],
     x, y, vis = kp[..., 0], kp[..., 1], kp[..., 2]
     valid = (vis > 0) & torch.isfinite(x) & torch.isfinite(y)
     valid &= (x >= 0) & (x < w_in) & (y >= 0) & (y < h_in)
-    # Cell index by proportional mapping (exact for non-divisible sizes); clamp guards rounding.
-    row = torch.floor(torch.nan_to_num(y) * gh / h_in).long().clamp_(0, gh - 1)
-    col = torch.floor(torch.nan_to_num(x) * gw / w_in).long().clamp_(0, gw - 1)
-    out = torch.zeros(n * p * gh * gw, dtype=torch.bool, device=keypoints.device)
-    base = torch.arange(n * p, device=keypoints.device).view(n, p) * (gh * gw)
-    flat = (base + row * gw + col)[valid]
-    out[flat] = True
-    return out.view(n, p, gh, gw)
+    # keypoints in cell units; pixel (i, j) spans [j, j + 1) x [i, i + 1) of the image plane
+    cy = torch.nan_to_num(y) * gh / h_in                                      # (N, P)
+    cx = torch.nan_to_num(x) * gw / w_in
+    rows = torch.arange(gh, device=keypoints.device, dtype=torch.float32)
+    cols = torch.arange(gw, device=keypoints.device, dtype=torch.float32)
+    inside = ((cy.floor().clamp(0, gh - 1)[..., None, None] == rows[:, None])
+              & (cx.floor().clamp(0, gw - 1)[..., None, None] == cols[None, :]))   # (N,P,H,W)
+    dist2 = ((cy[..., None, None] - (rows[:, None] + 0.5)) ** 2
+             + (cx[..., None, None] - (cols[None, :] + 0.5)) ** 2)
+    dist2 = dist2.masked_fill(~valid[..., None, None], math.inf)
+    nearest = dist2.argmin(1, keepdim=True)                                   # (N, 1, H, W)
+    near = torch.zeros_like(inside).scatter_(1, nearest, True)
+    near &= dist2 <= float(radius) ** 2
+    return (inside | near) & valid[..., None, None]
 
 
 def masks_to_cell_parts(masks: torch.Tensor, grid: Sequence[int],
                         min_coverage: float = 0.2) -> torch.Tensor:
-    """Mark the cells that a part's mask covers enough of.
+    """Label the cells that a part's mask covers.
+
+    A cell carries part ``p`` when ``p``'s mask covers at least ``min_coverage`` of the cell, or
+    when the cell holds more of ``p``'s mask than any other cell (so that a part smaller than a
+    cell, a beak or an eye, still labels the cell it lies in). Cells that carry no part are
+    background.
 
     Args:
         masks: ``(N, P, Hm, Wm)`` bool or float in ``[0, 1]`` (soft masks allowed), at any
@@ -113,7 +146,12 @@ def masks_to_cell_parts(masks: torch.Tensor, grid: Sequence[int],
     if hm < 1 or wm < 1:
         raise ValueError(f"Expected `masks` to have a non-empty spatial size, but got {hm}×{wm}.")
     coverage = F.adaptive_avg_pool2d(masks.float().reshape(n * p, 1, hm, wm), (gh, gw))
-    return (coverage >= float(min_coverage) - 1e-6).view(n, p, gh, gw)
+    coverage = coverage.view(n, p, gh * gw)
+    labels = coverage >= float(min_coverage) - 1e-6
+    most = coverage.argmax(2, keepdim=True)
+    present = coverage.gather(2, most) > 0
+    labels.scatter_(2, most, present | labels.gather(2, most))
+    return labels.view(n, p, gh, gw)
 
 
 def part_ids_to_cell_parts(part_ids: torch.Tensor, num_parts: int) -> torch.Tensor:
@@ -167,7 +205,8 @@ def near_cells(cell_parts: torch.Tensor, radius: int = 1) -> torch.Tensor:
 def cell_part_names(cell_parts: torch.Tensor, names: Sequence[str]) -> list[list[tuple[str, ...]]]:
     """Turn one sample's ``(P, H, W)`` bool labels into ``H×W`` lists of sorted part-name tuples.
 
-    This is the ``ExplainedSample.cell_parts`` format.
+    This is the ``ExplainedSample.cell_parts`` format. A cell without any part is
+    ``(BACKGROUND,)``, never empty.
     """
     if cell_parts.dim() != 3 or cell_parts.shape[0] != len(names):
         raise ValueError(f"Expected `cell_parts` of shape (P={len(names)}, H, W), but got "
@@ -178,4 +217,4 @@ def cell_part_names(cell_parts: torch.Tensor, names: Sequence[str]) -> list[list
     p_idx, rows, cols = labels.nonzero(as_tuple=True)
     for p, i, j in zip(p_idx.tolist(), rows.tolist(), cols.tolist()):
         out[i][j] = out[i][j] + (names[p],)
-    return [[tuple(sorted(set(c))) for c in row] for row in out]
+    return [[tuple(sorted(set(c))) if c else (BACKGROUND,) for c in row] for row in out]

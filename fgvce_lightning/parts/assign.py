@@ -16,6 +16,7 @@ import torch
 
 from ..engine.results import Explanation
 from .annotations import cell_part_names, part_ids_to_cell_parts
+from .types import BACKGROUND
 
 __all__ = ["PartAssignment", "assign_parts", "as_cell_parts"]
 
@@ -27,16 +28,27 @@ class PartAssignment:
     """Part names for one explanation.
 
     Attributes:
-        edit_parts: per edit, the sorted, deduplicated part names of its query cells.
+        edit_parts: per edit, the sorted, deduplicated part names of its query cells; an edit
+            none of whose cells carries a part is ``(BACKGROUND,)``, so every edit has a name
+            (cells of the background beside a part do not add ``BACKGROUND``: the edit is about
+            the part).
         reference_parts: per edit, the part names of its reference cells; ``()`` (length 0, not
             one entry per edit) when the reference labels are unknown for any of its edits.
         cell_parts: ``H×W`` lists of part-name tuples of the query's cells (``None`` for a
             skipped explanation).
+        consistent_cells: per edit, how many of its judged cells carry a part in common with
+            the reference cell that replaced them; ``()`` when the reference labels are unknown,
+            like ``reference_parts``.
+        judged_cells: per edit, its cells where the query cell or the reference cell carries a
+            part (background replaced by background is left out: it says nothing about parts,
+            and counting it would reward edits on the background).
     """
 
     edit_parts: tuple[tuple[str, ...], ...]
     reference_parts: tuple[tuple[str, ...], ...]
     cell_parts: Optional[list]
+    consistent_cells: tuple[int, ...] = ()
+    judged_cells: tuple[int, ...] = ()
 
 
 def as_cell_parts(labels: torch.Tensor, num_parts: int, name: str = "labels") -> torch.Tensor:
@@ -63,8 +75,24 @@ def _names_at(labels: torch.Tensor, cells: Sequence[tuple[int, int]], names: Seq
     if not cells:
         return ()
     idx = torch.as_tensor(cells, dtype=torch.long)
-    present = labels[:, idx[:, 0], idx[:, 1]].any(dim=1)
-    return tuple(sorted({names[p] for p in present.nonzero().flatten().tolist()}))
+    carried = labels[:, idx[:, 0], idx[:, 1]]                             # (P, cells)
+    found = {names[p] for p in carried.any(dim=1).nonzero().flatten().tolist()}
+    # an edit that touches the object is named by its parts; one that touches none of them lies
+    # on the background and is named so (never left unnamed)
+    return tuple(sorted(found)) if found else (BACKGROUND,)
+
+
+def _consistent(query: torch.Tensor, reference: torch.Tensor, query_cells,
+                reference_cells) -> tuple[int, int]:
+    """``(consistent, judged)`` cells of an edit: judged where either cell carries a part,
+    consistent where both carry one in common."""
+    if not query_cells:
+        return 0, 0
+    q = torch.as_tensor(query_cells, dtype=torch.long)
+    r = torch.as_tensor(reference_cells, dtype=torch.long)
+    qa = query[:, q[:, 0], q[:, 1]]
+    ra = reference[:, r[:, 0], r[:, 1]]
+    return int((qa & ra).any(0).sum()), int((qa.any(0) | ra.any(0)).sum())
 
 
 def _lookup(reference_labels: ReferenceLabels, key: tuple) -> Optional[torch.Tensor]:
@@ -108,8 +136,10 @@ def assign_parts(explanations: Sequence[Explanation], part_names: Sequence[str],
         q = labels[exp.query_index]
         edit_parts = tuple(_names_at(q, e.query_cells, names) for e in exp.edits)
         ref_parts: tuple[tuple[str, ...], ...] = ()
+        consistent: tuple[int, ...] = ()
+        judged: tuple[int, ...] = ()
         if reference_labels is not None:
-            collected = []
+            collected, same = [], []
             for e in exp.edits:
                 r = _lookup(reference_labels, tuple(e.reference_id))
                 if r is None:
@@ -117,6 +147,10 @@ def assign_parts(explanations: Sequence[Explanation], part_names: Sequence[str],
                     break
                 r = as_cell_parts(r, len(names), "reference_labels").detach().cpu()
                 collected.append(_names_at(r, e.reference_cells, names))
-            ref_parts = tuple(collected) if collected is not None else ()
-        out.append(PartAssignment(edit_parts, ref_parts, cell_part_names(q, names)))
+                same.append(_consistent(q, r, e.query_cells, e.reference_cells))
+            if collected is not None:
+                ref_parts = tuple(collected)
+                consistent, judged = tuple(c for c, _ in same), tuple(j for _, j in same)
+        out.append(PartAssignment(edit_parts, ref_parts, cell_part_names(q, names), consistent,
+                                  judged))
     return out

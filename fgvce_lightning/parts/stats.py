@@ -8,12 +8,32 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
 
-from .types import EpochStats, PairStat, PartInfo, PartStat
+from .types import BACKGROUND, EpochStats, PairStat, PartInfo, PartStat
 
 if TYPE_CHECKING:   # parts must not import reporting at runtime (layering)
     from ..reporting.epoch import ExplainedSample
 
-__all__ = ["compute_epoch_stats", "PartHistory"]
+__all__ = ["compute_epoch_stats", "PartHistory", "wilson_interval", "MIN_PAIR_COUNT"]
+
+MIN_PAIR_COUNT = 5
+"""A confusion pair with fewer explained mistakes is marked as too few to name its part."""
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95% for ``z = 1.96``).
+
+    Unlike the normal approximation it stays inside ``[0, 1]`` and is sensible for the small
+    counts of one epoch: 4 of 5 gives ``(0.38, 0.96)``. ``(0, 1)`` when ``trials == 0``.
+    """
+    if trials <= 0:
+        return 0.0, 1.0
+    if not 0 <= successes <= trials:
+        raise ValueError(f"Expected 0 <= successes <= trials, but got {successes} of {trials}.")
+    p = successes / trials
+    denom = 1.0 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denom
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _labels_from_names(cell_parts: list, names: Sequence[str]) -> torch.Tensor:
@@ -32,7 +52,7 @@ def _labels_from_names(cell_parts: list, names: Sequence[str]) -> torch.Tensor:
 def compute_epoch_stats(samples: Sequence["ExplainedSample"], parts: Sequence[PartInfo],
                         num_misclassified: int,
                         cell_parts: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                        max_examples: int = 3) -> EpochStats:
+                        max_examples: int = 3, min_pair_count: int = MIN_PAIR_COUNT) -> EpochStats:
     """Aggregate one epoch's explanations into :class:`EpochStats`.
 
     Definitions (over the *explained* samples, i.e. not skipped):
@@ -44,13 +64,19 @@ def compute_epoch_stats(samples: Sequence["ExplainedSample"], parts: Sequence[Pa
       labels and contributions are known. A cell with two parts counts for both; unlabelled cells
       count for none. ``0`` when nothing is known.
     * ``edit_cells``: edited query cells labelled with the part (needs cell labels).
+    * every share comes with its 95% Wilson interval (:func:`wilson_interval`);
     * pair stats: per ``(true, pred)``, the number of explained mistakes touching each part,
-      ``dominant_parts`` by that count (ties by name), up to ``max_examples`` sample indices
-      (successful explanations first).
-    * ``semantic_consistency``: over all edits with known query and reference parts, the share
-      whose query cells and reference cells share at least one part (Same-KP at edit
-      granularity); an edit without any part on either side counts as inconsistent, as in
-      Vandenhende et al. (2022). ``None`` when no sample has reference parts.
+      ``dominant_parts`` by that count (ties by name), the dominant part's share with its
+      interval, whether the pair has ``min_pair_count`` mistakes (``enough``), and up to
+      ``max_examples`` sample indices (successful explanations first).
+    * ``semantic_consistency``: over the edited cells where the query cell or the reference cell
+      carries a part, the share where both carry one in common (Same-KP per cell, as Vandenhende
+      et al. 2022 count it; background replaced by background is left out, since it says nothing
+      about parts and would reward edits on the background). Samples that only carry edit-level
+      names (``reference_parts`` without ``consistent_cells``) are judged per edit instead.
+      ``None`` when no sample has reference parts.
+    * a part named by an edit but missing from ``parts`` (the background of annotated parts) is
+      added at the end of ``parts``.
     * ``flip_rate``: share of explained mistakes that flip to the true class;
       ``mean_edits``: mean number of edits over those (``nan`` if none).
 
@@ -67,6 +93,11 @@ def compute_epoch_stats(samples: Sequence["ExplainedSample"], parts: Sequence[Pa
                          f"got {len(cell_parts)}.")
     if num_misclassified < 0:
         raise ValueError(f"Expected `num_misclassified` >= 0, but got {num_misclassified}.")
+    parts = tuple(parts)
+    named = {n for s in samples for ep in s.edit_parts for n in ep}
+    if BACKGROUND in named and BACKGROUND not in {p.name for p in parts}:
+        source = parts[0].source if parts else "annotations"
+        parts = parts + (PartInfo(id=len(parts), name=BACKGROUND, source=source),)
     names = [p.name for p in parts]
     explained = [i for i, s in enumerate(samples) if not s.explanation.skipped]
     num_explained = len(explained)
@@ -91,13 +122,18 @@ def compute_epoch_stats(samples: Sequence["ExplainedSample"], parts: Sequence[Pa
         key = (exp.true, exp.pred)
         pairs[key].append(i)
         pair_parts[key].update(parts_hit)
-        if len(s.reference_parts) == exp.num_edits and len(s.edit_parts) == exp.num_edits:
+        if len(s.consistent_cells) == exp.num_edits == len(s.judged_cells):
+            consistent += sum(s.consistent_cells)
+            judged += sum(s.judged_cells)
+        elif len(s.reference_parts) == exp.num_edits and len(s.edit_parts) == exp.num_edits:
             for qp, rp in zip(s.edit_parts, s.reference_parts):
                 judged += 1
                 consistent += bool(set(qp) & set(rp))
         labels = cell_parts[i] if cell_parts is not None else None
         if labels is None and s.cell_parts is not None:
             labels = _labels_from_names(s.cell_parts, names)
+        elif labels is not None and BACKGROUND in names and labels.shape[0] == len(names) - 1:
+            labels = torch.cat([labels.bool(), ~labels.bool().any(0, keepdim=True)])
         if labels is None or not names:
             continue
         labels = labels.bool().cpu()
@@ -120,7 +156,7 @@ def compute_epoch_stats(samples: Sequence["ExplainedSample"], parts: Sequence[Pa
         PartStat(part=n, error_share=touched[n] / num_explained if num_explained else 0.0,
                  count=touched[n],
                  contribution_share=float(mass[k] / total_mass) if total_mass > 0 else 0.0,
-                 edit_cells=edit_cells[n])
+                 edit_cells=edit_cells[n], interval=wilson_interval(touched[n], num_explained))
         for k, n in enumerate(names)
     ]
     part_stats.sort(key=lambda p: (-p.error_share, -p.contribution_share, p.part))
@@ -130,16 +166,21 @@ def compute_epoch_stats(samples: Sequence["ExplainedSample"], parts: Sequence[Pa
         counts = pair_parts[(true, pred)]
         dominant = tuple(sorted(counts, key=lambda n: (-counts[n], n)))
         ordered = sorted(idxs, key=lambda j: (not samples[j].explanation.success, j))
+        top = counts[dominant[0]] if dominant else 0
         pair_stats.append(PairStat(true=true, pred=pred, count=len(idxs), part_counts=dict(counts),
                                    dominant_parts=dominant,
-                                   example_indices=tuple(ordered[:max_examples])))
+                                   example_indices=tuple(ordered[:max_examples]),
+                                   dominant_share=top / len(idxs),
+                                   dominant_interval=wilson_interval(top, len(idxs)),
+                                   enough=len(idxs) >= min_pair_count))
     pair_stats.sort(key=lambda p: (-p.count, p.true, p.pred))
 
     return EpochStats(
         num_misclassified=int(num_misclassified), num_explained=num_explained,
         num_skipped=len(samples) - num_explained, flip_rate=flip_rate, mean_edits=mean_edits,
         parts=tuple(parts), part_stats=tuple(part_stats), pair_stats=tuple(pair_stats),
-        semantic_consistency=(consistent / judged) if judged else None)
+        semantic_consistency=(consistent / judged) if judged else None,
+        consistency_cells=judged, min_pair_count=int(min_pair_count))
 
 
 class PartHistory:

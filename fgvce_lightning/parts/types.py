@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = ["PartInfo", "PartStat", "PairStat", "EpochStats"]
+__all__ = ["BACKGROUND", "PartInfo", "PartStat", "PairStat", "EpochStats"]
+
+BACKGROUND = "background"
+"""The part name of a cell that no annotated part (and no prototype but the background one) covers."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,8 @@ class PartStat:
         contribution_share: share of the positive contribution mass (over all explained mistakes)
             that falls on cells of this part.
         edit_cells: number of edited cells labelled with this part.
+        interval: 95% Wilson score interval of ``error_share`` (``count`` of the explained
+            mistakes); ``(0, 1)`` when nothing was explained.
     """
 
     part: str
@@ -41,6 +46,7 @@ class PartStat:
     count: int
     contribution_share: float = 0.0
     edit_cells: int = 0
+    interval: tuple[float, float] = (0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,10 @@ class PairStat:
         part_counts: part name → number of this pair's explained mistakes whose edits touch it.
         dominant_parts: part names sorted by ``part_counts`` (most frequent first, ties by name).
         example_indices: indices (into the epoch's samples list) of up to a few examples.
+        dominant_share: share of the pair's mistakes whose edits touch its dominant part.
+        dominant_interval: 95% Wilson score interval of ``dominant_share``.
+        enough: whether the pair has at least ``EpochStats.min_pair_count`` explained mistakes;
+            a pair with fewer is shown, but marked as too few to say which part dominates.
     """
 
     true: int
@@ -62,6 +72,9 @@ class PairStat:
     part_counts: dict[str, int] = field(default_factory=dict)
     dominant_parts: tuple[str, ...] = ()
     example_indices: tuple[int, ...] = ()
+    dominant_share: float = 0.0
+    dominant_interval: tuple[float, float] = (0.0, 1.0)
+    enough: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,9 @@ class EpochStats:
         pair_stats: one entry per confusion pair, sorted by ``count`` descending.
         semantic_consistency: share of edited cells whose query and reference cells carry the same
             part label (``None`` when no part labels are available).
+        consistency_cells: the edited cells that ``semantic_consistency`` judged.
+        min_pair_count: the fewest explained mistakes a confusion pair needs for its dominant part
+            to count (``PairStat.enough``).
     """
 
     num_misclassified: int
@@ -90,3 +106,5 @@ class EpochStats:
     part_stats: tuple[PartStat, ...] = ()
     pair_stats: tuple[PairStat, ...] = ()
     semantic_consistency: Optional[float] = None
+    consistency_cells: int = 0
+    min_pair_count: int = 5

@@ -27,6 +27,10 @@ class ExplainedSample:
         reference_parts: per edit, the part names of its reference cells.
         cell_parts: ``(H, W)`` list-of-lists of part-name tuples for the query's cells, or ``None``.
         rank: the process that explained it.
+        consistent_cells: per edit, its cells whose query and reference labels share a part
+            (:attr:`PartAssignment.consistent_cells`); ``()`` when unknown.
+        judged_cells: per edit, its cells where either side carries a part
+            (:attr:`PartAssignment.judged_cells`).
     """
 
     explanation: Explanation
@@ -37,6 +41,8 @@ class ExplainedSample:
     reference_parts: tuple[tuple[str, ...], ...] = ()
     cell_parts: Optional[list] = None
     rank: int = 0
+    consistent_cells: tuple[int, ...] = ()
+    judged_cells: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -4,21 +4,28 @@
 
     schema_version, epoch, global_step, feature_grid [H, W], input_size [H, W],
     num_misclassified, num_explained, num_skipped, flip_rate, mean_edits,
-    semantic_consistency, method, elapsed_s, failures [str], class_names [str] | null,
-    parts       [{id, name, source}]
-    part_stats  [{part, error_share, count, contribution_share, edit_cells}]
+    semantic_consistency, consistency_cells, min_pair_count, method, elapsed_s,
+    failures [str], class_names [str] | null, stage ("fit" | "validate" | "test"),
+    dataloader_idx, skipped_batches [{dataloader_idx, batch_idx, reason}], notes [str],
+    parts       [{id, name, source}]           ("background" for cells that carry no part)
+    part_stats  [{part, error_share, interval [lo, hi], count, contribution_share, edit_cells}]
     pair_stats  [{true, pred, true_name, pred_name, count, part_counts {part: n},
-                  dominant_parts [str], examples [index into samples]}]
+                  dominant_parts [str], dominant_share, dominant_interval [lo, hi],
+                  enough, examples [index into samples]}]
     samples     [{dataloader_idx, batch_idx, position, true, pred, true_name, pred_name,
                   success, final_pred, skipped_reason, p_true_before, p_pred_before, num_edits,
                   head_evaluations, method, rank, contributions [[float]] | null,
                   regions [[int]] | null,
                   edits [{query_cells [[row, col]], parts [str], similarity, contribution,
-                          p_true_after, p_pred_after,
+                          p_true_after, p_pred_after, consistent_cells | null,
+                          judged_cells | null (cells where either side carries a part),
+                          cell_parts [[str]] | null (the part names of each query cell),
                           reference {dataloader_idx, batch_idx, position, id [int], slot,
                                      cells [[row, col]], parts [str]}}]}]
 
-Numbers that are not finite (``nan``: no contribution, no successful flip …) are ``null``.
+Intervals are 95% Wilson score intervals; a pair with ``enough: false`` has fewer than
+``min_pair_count`` explained mistakes, too few to say which part dominates. Numbers that are not
+finite (``nan``: no contribution, no successful flip …) are ``null``.
 ``edits.csv`` has one row per edit. The directory is written to a hidden temporary directory
 next to the target and renamed into place, so a crash never leaves a half report, and an
 existing ``epoch_<NNN>`` is never overwritten (``epoch_<NNN>_1``, ``_2`` … are used instead).

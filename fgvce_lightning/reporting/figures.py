@@ -78,10 +78,13 @@ def part_error_figure(stats: EpochStats, *, dpi: int = 80) -> Figure:
     y = np.arange(len(part_stats))
     err = [ps.error_share for ps in part_stats]
     con = [ps.contribution_share for ps in part_stats]
-    ax.barh(y - 0.2, err, height=0.4, color="#d62728", label="error share")
+    lo = [max(0.0, ps.error_share - ps.interval[0]) for ps in part_stats]
+    hi = [max(0.0, ps.interval[1] - ps.error_share) for ps in part_stats]
+    ax.barh(y - 0.2, err, height=0.4, color="#d62728", label="error share (95% interval)",
+            xerr=[lo, hi], error_kw={"elinewidth": 1, "capsize": 2, "ecolor": "#555555"})
     ax.barh(y + 0.2, con, height=0.4, color="#1f77b4", label="contribution share")
     for yi, ps in zip(y, part_stats):
-        ax.text(ps.error_share, yi - 0.2, f" {ps.count}", va="center", fontsize=8)
+        ax.text(ps.interval[1], yi - 0.2, f" {ps.count}", va="center", fontsize=8)
     ax.set_yticks(y, [ps.part for ps in part_stats])
     ax.invert_yaxis()
     top = max([1.0] + [v for v in err + con if math.isfinite(v)])
@@ -104,7 +107,8 @@ def confusion_part_heatmap(stats: EpochStats, class_names: Optional[Sequence[str
                            max_pairs: int = 12, dpi: int = 80) -> Figure:
     """Heat map: confusion pairs (rows) × parts (columns).
 
-    A cell is the share of that pair's explained mistakes whose edits touch the part.
+    A cell is the share of that pair's explained mistakes whose edits touch the part; a pair with
+    fewer than ``stats.min_pair_count`` mistakes is labelled "too few".
 
     Args:
         stats: the epoch statistics (``pair_stats`` sorted by count, ``part_stats`` by share).
@@ -120,8 +124,8 @@ def confusion_part_heatmap(stats: EpochStats, class_names: Optional[Sequence[str
     pairs = list(stats.pair_stats)[:max_pairs]
     parts = [ps.part for ps in stats.part_stats] or sorted(
         {p for pair in pairs for p in pair.part_counts})
-    labels = [f"{class_label(p.true, class_names)} → {class_label(p.pred, class_names)} (n={p.count})"
-              for p in pairs]
+    labels = [f"{class_label(p.true, class_names)} → {class_label(p.pred, class_names)} (n={p.count}"
+              f"{'' if p.enough else ', too few'})" for p in pairs]
     width = max(5.0, 0.6 * len(parts) + 0.075 * max([0] + [len(t) for t in labels]) + 2.0)
     height = max(2.4, 0.4 * len(pairs) + 1.6)
     figure = Figure(figsize=(width, height), dpi=dpi, layout="constrained")

@@ -115,24 +115,38 @@ def _parts(report: dict) -> str:
         share = ps["error_share"] or 0.0
         rows.append((escape(ps["part"]),
                      f'{_f(ps["error_share"])} <span class="bar" style="width:{share * 120:.0f}px">'
-                     "</span>", str(ps["count"]), _f(ps["contribution_share"]),
-                     str(ps["edit_cells"])))
-    return _table(("part", "error share", "mistakes", "contribution share", "edited cells"),
-                  rows, numeric=(2, 3, 4))
+                     "</span>", _interval(ps.get("interval")), str(ps["count"]),
+                     _f(ps["contribution_share"]), str(ps["edit_cells"])))
+    return _table(("part", "error share", "95% interval", "mistakes", "contribution share",
+                   "edited cells"), rows, numeric=(3, 4, 5))
+
+
+def _interval(bounds: Optional[list]) -> str:
+    if not bounds or bounds[0] is None or bounds[1] is None:
+        return "–"
+    return f"{bounds[0]:.2f}–{bounds[1]:.2f}"
 
 
 def _pairs(report: dict) -> str:
     if not report["pair_stats"]:
         return '<p class="muted">No explained confusion pairs this epoch.</p>'
     rows = []
+    least = report.get("min_pair_count", 0)
     for pair in report["pair_stats"]:
         parts = ", ".join(f"{escape(p)} ({pair['part_counts'].get(p, 0)})"
                           for p in pair["dominant_parts"][:4]) or "–"
         examples = ", ".join(f'<a href="#sample-{i}">#{i}</a>' for i in pair["examples"]) or "–"
+        dominant = "–"
+        if pair["dominant_parts"]:
+            dominant = (f"{escape(pair['dominant_parts'][0])} {_f(pair.get('dominant_share'))} "
+                        f"({_interval(pair.get('dominant_interval'))})")
+            if not pair.get("enough", True):
+                dominant += f' <span class="muted">too few to tell (n &lt; {least})</span>'
         rows.append((f"{_cls(pair['true'], pair['true_name'])} → "
-                     f"{_cls(pair['pred'], pair['pred_name'])}", str(pair["count"]), parts,
-                     examples))
-    return _table(("true → predicted", "count", "dominant parts", "examples"), rows, numeric=(1,))
+                     f"{_cls(pair['pred'], pair['pred_name'])}", str(pair["count"]), dominant,
+                     parts, examples))
+    return _table(("true → predicted", "count", "dominant part, share (95% interval)",
+                   "parts touched", "examples"), rows, numeric=(1,))
 
 
 def _sample(index: int, sample: dict, panel: Optional[torch.Tensor]) -> str:

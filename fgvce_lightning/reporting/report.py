@@ -64,11 +64,18 @@ def _sample(sample: ExplainedSample, class_names: Optional[Sequence[str]]) -> di
     for k, edit in enumerate(exp.edits):
         parts = sample.edit_parts[k] if k < len(sample.edit_parts) else ()
         ref_parts = sample.reference_parts[k] if k < len(sample.reference_parts) else ()
+        same = sample.consistent_cells[k] if k < len(sample.consistent_cells) else None
+        judged = sample.judged_cells[k] if k < len(sample.judged_cells) else None
+        per_cell = None
+        if sample.cell_parts is not None:
+            per_cell = [[str(n) for n in sample.cell_parts[r][c]] for r, c in edit.query_cells]
         edits.append({
             "query_cells": _cells(edit.query_cells), "reference": _reference(edit, ref_parts),
             "parts": [str(p) for p in parts], "similarity": _num(edit.similarity),
             "contribution": _num(edit.contribution), "p_true_after": _num(edit.p_true_after),
-            "p_pred_after": _num(edit.p_pred_after)})
+            "p_pred_after": _num(edit.p_pred_after),
+            "consistent_cells": None if same is None else int(same),
+            "judged_cells": None if judged is None else int(judged), "cell_parts": per_cell})
     dl, batch, pos = (int(v) for v in sample.query_id)
     return {
         "dataloader_idx": dl, "batch_idx": batch, "position": pos,
@@ -106,6 +113,8 @@ def report_dict(result: EpochResult) -> dict:
         "num_explained": int(stats.num_explained), "num_skipped": int(stats.num_skipped),
         "flip_rate": _num(stats.flip_rate), "mean_edits": _num(stats.mean_edits),
         "semantic_consistency": _num(stats.semantic_consistency),
+        "consistency_cells": int(stats.consistency_cells),
+        "min_pair_count": int(stats.min_pair_count),
         "method": str(result.method), "elapsed_s": _num(result.elapsed_s),
         "stage": str(result.stage), "dataloader_idx": int(result.dataloader_idx),
         "failures": [str(f) for f in result.failures],
@@ -116,13 +125,16 @@ def report_dict(result: EpochResult) -> dict:
         "parts": [{"id": int(p.id), "name": str(p.name), "source": str(p.source)}
                   for p in stats.parts],
         "part_stats": [{"part": str(ps.part), "error_share": _num(ps.error_share),
-                        "count": int(ps.count), "contribution_share": _num(ps.contribution_share),
+                        "interval": [_num(v) for v in ps.interval], "count": int(ps.count), "contribution_share": _num(ps.contribution_share),
                         "edit_cells": int(ps.edit_cells)} for ps in stats.part_stats],
         "pair_stats": [{"true": int(p.true), "pred": int(p.pred),
                         "true_name": _name(p.true, names), "pred_name": _name(p.pred, names),
                         "count": int(p.count),
                         "part_counts": {str(k): int(v) for k, v in p.part_counts.items()},
                         "dominant_parts": [str(d) for d in p.dominant_parts],
+                        "dominant_share": _num(p.dominant_share),
+                        "dominant_interval": [_num(v) for v in p.dominant_interval],
+                        "enough": bool(p.enough),
                         "examples": [int(i) for i in p.example_indices]}
                        for p in stats.pair_stats],
         "samples": [_sample(s, names) for s in result.samples],

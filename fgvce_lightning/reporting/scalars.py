@@ -46,8 +46,9 @@ def epoch_scalars(result: EpochResult, prefix: str = "fgvce") -> dict[str, float
     ``P/misclassified``, ``P/skipped``, ``P/explained_fraction`` (explained / misclassified),
     ``P/semantic_consistency`` (when part labels exist), ``P/failures``, ``P/skipped_batches``
     (batches left out of the collection), ``P/explain_time_s``,
-    ``P/part_error_share/<part>`` and ``P/part_contribution_share/<part>`` for every part (names
-    made tag-safe with :func:`part_tag`). Values that are not finite (e.g. ``mean_edits`` of an
+    ``P/part_error_share/<part>`` with its 95% Wilson interval ``P/part_error_share_low/<part>``
+    and ``P/part_error_share_high/<part>``, and ``P/part_contribution_share/<part>`` for every
+    part (names made tag-safe with :func:`part_tag`). Values that are not finite (e.g. ``mean_edits`` of an
     epoch where nothing flipped) are left out rather than logged as ``nan``.
 
     Args:
@@ -76,8 +77,11 @@ def epoch_scalars(result: EpochResult, prefix: str = "fgvce") -> dict[str, float
     if stats.semantic_consistency is not None:
         values["semantic_consistency"] = stats.semantic_consistency
     for ps in stats.part_stats:
-        values[f"part_error_share/{part_tag(ps.part)}"] = ps.error_share
-        values[f"part_contribution_share/{part_tag(ps.part)}"] = ps.contribution_share
+        tag = part_tag(ps.part)
+        values[f"part_error_share/{tag}"] = ps.error_share
+        values[f"part_error_share_low/{tag}"] = ps.interval[0]
+        values[f"part_error_share_high/{tag}"] = ps.interval[1]
+        values[f"part_contribution_share/{tag}"] = ps.contribution_share
     out = {}
     for key, value in values.items():
         value = float(value)
@@ -96,17 +100,16 @@ def custom_scalars_layout(part_names: Iterable[str] = (), prefix: str = "fgvce")
     One category (``"part-error panels"``, suffixed with the prefix when it is not the default)
     holding multiline charts: all part error shares, all part contribution shares (both matched by
     a regex, so parts that appear later still show up), an overview (flip rate, mean edits),
-    explained vs misclassified, semantic consistency, failures and skipped batches, and one chart
-    per known part with its error
-    and contribution share.
+    explained vs misclassified, semantic consistency, failures and skipped batches, and one
+    margin chart per known part: its error share with the 95% interval as a band.
 
     Args:
         part_names: the parts known now (for the per-part charts).
         prefix: the tag prefix used by :func:`epoch_scalars`.
 
     Returns:
-        ``{category: {chart: ["Multiline", [tag regexes]]}}`` as
-        ``SummaryWriter.add_custom_scalars`` expects.
+        ``{category: {chart: ["Multiline", [tag regexes]] or ["Margin", [value, lower, upper
+        tags]]}}`` as ``SummaryWriter.add_custom_scalars`` expects.
     """
     prefix = _check_prefix(prefix)
     p = re.escape(prefix)
@@ -128,8 +131,8 @@ def custom_scalars_layout(part_names: Iterable[str] = (), prefix: str = "fgvce")
         if tag in seen:
             continue
         seen.add(tag)
-        charts[f"part: {name}"] = ["Multiline", [
-            _exact(f"{prefix}/part_error_share/{tag}"),
-            _exact(f"{prefix}/part_contribution_share/{tag}")]]
+        charts[f"part: {name}"] = ["Margin", [
+            f"{prefix}/part_error_share/{tag}", f"{prefix}/part_error_share_low/{tag}",
+            f"{prefix}/part_error_share_high/{tag}"]]
     category = "part-error panels" if prefix == "fgvce" else f"part-error panels ({prefix})"
     return {category: charts}

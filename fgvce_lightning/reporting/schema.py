@@ -27,6 +27,7 @@ _ID = {"type": ["integer", "null"]}
 _NAME = {"type": ["string", "null"]}
 _STRS = {"type": "array", "items": _STR}
 _CELL = {"type": "array", "items": _COUNT, "minItems": 2, "maxItems": 2}
+_INTERVAL = {"type": "array", "items": _PROB, "minItems": 2, "maxItems": 2}
 _CELLS = {"type": "array", "items": _CELL}
 _SIZE = {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 2, "maxItems": 2}
 _GRID = {"type": ["array", "null"], "items": {"type": "array", "items": _NUM}}
@@ -43,7 +44,10 @@ _EDIT = {
     "required": ["query_cells", "reference", "parts", "similarity", "p_true_after"],
     "properties": {"query_cells": _CELLS, "reference": _REFERENCE, "parts": _STRS,
                    "similarity": _NUM, "contribution": _NUM, "p_true_after": _PROB,
-                   "p_pred_after": _PROB},
+                   "p_pred_after": _PROB, "consistent_cells": {"type": ["integer", "null"],
+                                                               "minimum": 0},
+                   "judged_cells": {"type": ["integer", "null"], "minimum": 0},
+                   "cell_parts": {"type": ["array", "null"], "items": _STRS}},
 }
 _SAMPLE = {
     "type": "object",
@@ -62,12 +66,14 @@ _PART = {"type": "object", "required": ["id", "name", "source"],
          "properties": {"id": _COUNT, "name": _STR, "source": _STR}}
 _PART_STAT = {"type": "object", "required": ["part", "error_share", "count"],
               "properties": {"part": _STR, "error_share": _PROB, "count": _COUNT,
-                             "contribution_share": _PROB, "edit_cells": _COUNT}}
+                             "interval": _INTERVAL, "contribution_share": _PROB,
+                             "edit_cells": _COUNT}}
 _PAIR_STAT = {"type": "object", "required": ["true", "pred", "count"],
               "properties": {"true": _COUNT, "pred": _COUNT, "true_name": _NAME,
                              "pred_name": _NAME, "count": _COUNT,
                              "part_counts": {"type": "object", "additionalProperties": _COUNT},
-                             "dominant_parts": _STRS,
+                             "dominant_parts": _STRS, "dominant_share": _PROB,
+                             "dominant_interval": _INTERVAL, "enough": _BOOL,
                              "examples": {"type": "array", "items": _COUNT}}}
 _SKIPPED = {"type": "object", "required": ["dataloader_idx", "batch_idx", "reason"],
             "properties": {"dataloader_idx": _COUNT, "batch_idx": _COUNT, "reason": _STR}}
@@ -79,7 +85,8 @@ _REPORT = {
         "schema_version": {"const": SCHEMA_VERSION}, "epoch": _COUNT, "global_step": _COUNT,
         "feature_grid": _SIZE, "input_size": _SIZE, "num_misclassified": _COUNT,
         "num_explained": _COUNT, "num_skipped": _COUNT, "flip_rate": _PROB, "mean_edits": _NUM,
-        "semantic_consistency": _PROB, "method": _STR, "elapsed_s": _NUM, "failures": _STRS,
+        "semantic_consistency": _PROB, "consistency_cells": _COUNT, "min_pair_count": _COUNT,
+        "method": _STR, "elapsed_s": _NUM, "failures": _STRS,
         "stage": _STR, "dataloader_idx": _COUNT,
         "skipped_batches": {"type": "array", "items": _SKIPPED}, "notes": _STRS,
         "class_names": {"type": ["array", "null"], "items": _STR},

@@ -66,21 +66,32 @@ def markdown_summary(result: EpochResult, *, max_pairs: int = 10) -> str:
     ]
     pairs = list(stats.pair_stats)[:max_pairs]
     if pairs:
-        lines += ["**Top confusion pairs**", "",
-                  "| true → predicted | count | dominant parts | examples |", "|---|---|---|---|"]
+        lines += ["**Top confusion pairs** (share of the pair's mistakes that touch its dominant "
+                  "part, 95% Wilson interval)", "",
+                  "| true → predicted | count | dominant part | parts touched | examples |",
+                  "|---|---|---|---|---|"]
         for pair in pairs:
             parts = ", ".join(f"{p} ({pair.part_counts.get(p, 0)})" for p in pair.dominant_parts[:3])
             examples = ", ".join(_sample_id(result, i) for i in pair.example_indices)
+            dominant = "—"
+            if pair.dominant_parts:
+                lo, hi = pair.dominant_interval
+                dominant = (f"{pair.dominant_parts[0]} {_fmt(pair.dominant_share)} "
+                            f"({lo:.2f}–{hi:.2f})")
+                if not pair.enough:
+                    dominant += f", too few to tell (n < {stats.min_pair_count})"
             lines.append(f"| {_md(class_label(pair.true, result.class_names))} → "
                          f"{_md(class_label(pair.pred, result.class_names))} | {pair.count} | "
-                         f"{_md(parts or '—')} | {_md(examples or '—')} |")
+                         f"{_md(dominant)} | {_md(parts or '—')} | {_md(examples or '—')} |")
         lines.append("")
     if stats.part_stats:
-        lines += ["**Parts**", "", "| part | error share | count | contribution share |",
-                  "|---|---|---|---|"]
+        lines += ["**Parts**", "",
+                  "| part | error share | 95% interval | count | contribution share |",
+                  "|---|---|---|---|---|"]
         for ps in stats.part_stats:
-            lines.append(f"| {_md(ps.part)} | {_fmt(ps.error_share)} | {ps.count} | "
-                         f"{_fmt(ps.contribution_share)} |")
+            lo, hi = ps.interval
+            lines.append(f"| {_md(ps.part)} | {_fmt(ps.error_share)} | {lo:.2f}–{hi:.2f} | "
+                         f"{ps.count} | {_fmt(ps.contribution_share)} |")
         lines.append("")
     if result.failures:
         lines += ["**Failures**", ""] + [f"- {_md(f)}" for f in result.failures[:10]] + [""]

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from fgvce_lightning.engine.bank import ReferenceBank
+from fgvce_lightning.engine.greedy import greedy_search
 from fgvce_lightning.engine.search import SearchConfig, counterfactual_search
 
 from cell_heads import C, H, S_CELLS, W, CellLinearHead as _CellHead
@@ -60,9 +61,9 @@ def _linear_problem(n=1, seed=0):
     return q, torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long)
 
 
-CFG = SearchConfig(candidate_fraction=0.15, absent_fraction=0.15)
-"""The known answers below use the evidence-cell baseline (absent = the reference's channel-1
-cell), under which each S cell's contribution is exactly 2."""
+CFG = SearchConfig()
+"""The references hold the true part on the query's own S cells, so the correspondence is the
+identity: each S cell's absent value is the reference's channel-1 cell, worth exactly 2."""
 
 
 def test_finds_exactly_the_minimal_cells_of_an_additive_head():
@@ -81,7 +82,7 @@ def test_finds_exactly_the_minimal_cells_of_an_additive_head():
     assert res.contributions.device.type == "cpu" and res.regions.dtype == torch.int64
     assert res.regions[1, 1] == res.regions[1, 2] == 0 and res.regions[3, 3] == 1
     for e in res.edits:
-        assert all(cell in S_CELLS for cell in e.reference_cells)   # evidence cells only
+        assert e.reference_cells == e.query_cells                    # the corresponding cells
         assert e.reference_slot in (0, 1) and e.reference_id == (0, e.reference_slot,
                                                                   e.reference_slot + 10)
         assert e.contribution == pytest.approx(2.0 * len(e.query_cells), abs=1e-4)
@@ -100,11 +101,11 @@ def test_minimality_pass_drops_the_unneeded_edit():
     q[0, :, 0, 3] = torch.tensor([0.0, -1.0, 0.0, 0.0])
     bank = _make_bank((MaxHead.A, MaxHead.B, MaxHead.D))
     t, p = torch.tensor([0]), torch.tensor([1])
-    full = counterfactual_search(MaxHead(), q, t, p, bank, SearchConfig(
-        candidate_fraction=0.15, absent_fraction=0.15, minimality=False, trim=False))[0]
+    full = counterfactual_search(MaxHead(), q, t, p, bank, SearchConfig(minimality=False,
+                                                                          trim=False))[0]
     assert full.success and full.edits[0].query_cells == (MaxHead.D,)
     assert set(full.edited_cells) >= {MaxHead.A, MaxHead.B, MaxHead.D}
-    res = counterfactual_search(MaxHead(), q, t, p, bank, SearchConfig(candidate_fraction=0.15, absent_fraction=0.15))[0]
+    res = counterfactual_search(MaxHead(), q, t, p, bank, SearchConfig())[0]
     assert res.success and sorted(res.edited_cells) == [MaxHead.A, MaxHead.B]
     # the trajectory is recomputed for the kept edits: flipped only after the last one
     assert res.edits[-1].p_true_after > 0.5 > res.edits[0].p_true_after
@@ -153,15 +154,15 @@ def test_trim_keeps_exactly_the_cells_the_flip_needs():
     head = CellLinearHead()
     q, t, p = _linear_problem(n=3, seed=4)
     bank = _make_bank(S_CELLS)
-    one_region = {"candidate_fraction": 0.15, "absent_fraction": 0.15, "region_threshold": 0.0, "max_region_size": H * W}
+    one_region = {"region_threshold": 0.0, "max_region_size": H * W}
     (full,) = counterfactual_search(head, q[:1], t[:1], p[:1], bank,
                                     SearchConfig(**one_region, trim=False))
     assert full.success and full.num_edits == 1 and len(full.edited_cells) == H * W
     head.seen = 0
     (single,) = counterfactual_search(head, q[:1], t[:1], p[:1], bank, SearchConfig(**one_region))
     assert single.head_evaluations == head.seen              # every map the head saw is counted
-    # the trim costs one evaluation per edited cell and one per proper prefix, plus the replay
-    assert single.head_evaluations == full.head_evaluations + (H * W) + (H * W - 1) + 1
+    # the trim costs one evaluation per proper prefix of the ranked cells, plus the replay
+    assert single.head_evaluations == full.head_evaluations + (H * W - 1) + 1
     results = counterfactual_search(head, q, t, p, bank, SearchConfig(**one_region))
     assert results[0] == single
     refs, _ = bank.get(0)
@@ -170,7 +171,7 @@ def test_trim_keeps_exactly_the_cells_the_flip_needs():
         assert sorted(res.edited_cells) == sorted(S_CELLS)
         edit = res.edits[0]
         assert len(edit.reference_cells) == len(edit.query_cells)
-        assert all(cell in S_CELLS for cell in edit.reference_cells)
+        assert edit.reference_cells == edit.query_cells
         assert edit.contribution == pytest.approx(6.0, abs=1e-4)   # 2 per kept cell
         assert res.regions.unique().numel() == 1                    # the partition is unchanged
         x = _apply(q[res.query_index], res.edits, refs)
@@ -187,7 +188,7 @@ def test_trim_keeps_the_shortest_flipping_prefix():
     head = _CellHead(true_bias=0.0)
     q, t, p = _linear_problem()
     bank = _make_bank(S_CELLS)
-    cfg = SearchConfig(candidate_fraction=0.15, absent_fraction=0.15, region_threshold=0.0, max_region_size=H * W)
+    cfg = SearchConfig(region_threshold=0.0, max_region_size=H * W)
     (res,) = counterfactual_search(head, q, t, p, bank, cfg)
     assert res.success and res.num_edits == 1
     assert len(res.edited_cells) == 2 and set(res.edited_cells) <= set(S_CELLS)
@@ -277,7 +278,8 @@ def test_works_under_inference_mode_and_with_half_precision_banks():
         assert [r.edited_cells for r in res] == [r.edited_cells for r in expected]
 
 
-def test_non_differentiable_head_falls_back_to_all_cells():
+def test_non_differentiable_head_is_explained_all_the_same():
+    """The FG-VCE search needs no gradients (only the Grad-CAM baseline does)."""
     head = CellLinearHead()
 
     def detached(x):
@@ -287,14 +289,8 @@ def test_non_differentiable_head_falls_back_to_all_cells():
     q, t, p = _linear_problem()
     bank = _make_bank(S_CELLS)
     (with_grad,) = counterfactual_search(head, q, t, p, bank, CFG)
-    assert all(c in S_CELLS for e in with_grad.edits for c in e.reference_cells)
-    # without gradients every reference cell is a candidate: the search still runs, and matches
-    # (cosine ties between orthogonal cells) now come from outside the evidence cells (the trim
-    # would drop those useless swaps again, so it is off here)
-    (res,) = counterfactual_search(detached, q, t, p, bank,
-                                   SearchConfig(candidate_fraction=0.15, absent_fraction=0.15, trim=False))
-    assert not res.skipped and res.num_edits >= 1
-    assert any(c not in S_CELLS for e in res.edits for c in e.reference_cells)
+    (res,) = counterfactual_search(detached, q, t, p, bank, CFG, modules=[head])
+    assert res.success and res.edits == with_grad.edits
     assert all(prm.grad is None for prm in head.parameters())
 
 
@@ -326,105 +322,117 @@ def test_errors():
         counterfactual_search(head, q, torch.tensor([7]), p, bank)
     with pytest.raises(ValueError, match="`pred` to be an integer tensor of shape"):
         counterfactual_search(head, q, t, torch.tensor([1, 1]), bank)
-    with pytest.raises(ValueError, match="candidate_fraction"):
-        SearchConfig(candidate_fraction=0.0)
-    for bad in (0.0, 1.5, True, "all"):
-        with pytest.raises(ValueError, match="absent_fraction"):
-            SearchConfig(absent_fraction=bad)
     with pytest.raises(ValueError, match="odd"):
         SearchConfig(window=4)
 
 
-# ---------------------------------------------------------------------------- first-order lookahead
-def _decoy_problem():
-    """The true class's evidence sits in reference cells that look nothing like the query's
-    cells, while look-alike "decoy" cells carry too little of it to flip the prediction.
-
-    Query: channel 0 = 1 on ``S_CELLS`` (class 1, the mistake: logit 3 vs the truth's bias 1).
-    Reference of class 0: decoys (0.5, 0, 0, 0.2) on ``S_CELLS`` (cosine 0.93 to the query cells;
-    swapping all three still leaves class 1 ahead, 1.5 vs 1) and evidence (0, 2, 0, 0) in cell
-    (0, 0) (cosine 0; one copy onto an S cell flips: class 0 gets 3, class 1 drops to 2).
-    """
-    head = _CellHead(true_bias=1.0).eval()
-    query = torch.zeros(1, C, H, W)
-    ref = torch.zeros(1, C, H, W)
-    for r, c in S_CELLS:
-        query[0, 0, r, c] = 1.0
-        ref[0, 0, r, c], ref[0, 3, r, c] = 0.5, 0.2
-    ref[0, 1, 0, 0] = 2.0
-    bank = ReferenceBank(3, 2, (C, H, W))
-    bank.add(ref, torch.tensor([0]), torch.tensor([[0, 0, 7]]))
-    return head, query, bank
+@pytest.mark.parametrize("field, bad", [
+    ("num_references", 0), ("num_references", 2.0), ("region_threshold", -0.1),
+    ("region_threshold", 1.5), ("region_threshold", float("nan")), ("region_threshold", True),
+    ("max_region_size", 0), ("max_shift", -1), ("mirror", "yes"), ("trim", 1),
+    ("protected_channels", -1), ("seed", 2 ** 70), ("seed", 1.0), ("num_classes", 1),
+    ("region_order", "shapley")])
+def test_config_fields_are_checked_at_construction(field, bad):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        SearchConfig(**{field: bad})
 
 
-def test_first_order_candidates_find_evidence_that_similarity_misses():
-    head, query, bank = _decoy_problem()
-    true, pred = torch.tensor([0]), torch.tensor([1])
-    base = dict(candidate_fraction=1.0, rigid_matching=False, reference_lookahead=1, seed=0)
-    without = counterfactual_search(head, query, true, pred, bank,
-                                    SearchConfig(taylor_lookahead=0, **base))[0]
-    assert not without.skipped and not without.success        # the look-alikes cannot flip it
-    onto_s = [rc for e in without.edits for qc, rc in zip(e.query_cells, e.reference_cells)
-              if qc in S_CELLS]
-    assert onto_s and all(rc in S_CELLS for rc in onto_s)   # the S cells only got decoys
-
-    found = counterfactual_search(head, query, true, pred, bank,
-                                  SearchConfig(taylor_lookahead=1, **base))[0]
-    assert found.success and found.final_pred == 0
-    assert found.num_edits == 1 and len(found.edits[0].query_cells) == 1   # one copy is enough
-    assert found.edits[0].reference_cells == ((0, 0),)                     # the evidence cell
-    assert found.edits[0].query_cells[0] in S_CELLS
-
-
-def test_taylor_lookahead_must_be_a_non_negative_integer():
-    for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="taylor_lookahead"):
-            SearchConfig(taylor_lookahead=bad)
-
-
-class _PositionalHead(nn.Module):
-    """Additive, position-dependent head on 3 channels: ``true = Σ w_cell · x1``, ``pred = Σ x0``.
-
-    Channel 0 is the predicted class's part, channel 1 the true class's, channel 2 plain
-    appearance. The true-class weight is 3 at ``E`` (an empty cell) and 1 elsewhere, so pasting the
-    true part at ``E`` raises the margin most, though the query's wrong part sits at ``D``.
-    """
-    D, E = (3, 0), (0, 3)
+# ---------------------------------------------------------------------------- correspondence
+class _PartHead(nn.Module):
+    """Additive: ``true = Σ x1`` over all cells, ``pred = Σ x0``; channel 2 is appearance (the
+    object), channel 3 background texture."""
 
     def forward(self, x):
-        w = torch.ones(x.shape[-2:], dtype=x.dtype, device=x.device)
-        w[self.E] = 3.0
-        return torch.stack([(x[:, 1] * w).sum((1, 2)), x[:, 0].sum((1, 2))], 1)
+        return torch.stack([x[:, 1].sum((1, 2)), x[:, 0].sum((1, 2))], 1)
 
 
-def test_absent_baseline_points_the_ranking_at_the_deviating_cell():
+def _off_part_problem():
+    """The evidence-maximising swap lands off-part, the corresponding swap on-part.
+
+    Query (4×4): the object is the two cells of row 3 at columns 0-1 (appearance 2); its wrong
+    part (channel 0) is at ``D = (3, 0)``. The reference of the true class shows the same object
+    one column to the right, its true part (channel 1) at ``(3, 1)``, the cell that corresponds
+    to ``D``; it also has a strong true-class blob at ``(0, 0)`` in its background, which under
+    that alignment corresponds to no query cell. Pasting the blob onto ``D`` gives the larger
+    margin (3 against 1), so a swap chosen by evidence alone copies the blob; the corresponding
+    swap copies the reference's own part.
+    """
     size = 4
-    background = torch.tensor([0.0, 0.0, 1.0])
-    query = background.view(1, 3, 1, 1).repeat(1, 1, size, size)
-    query[0, :, 3, 0] = torch.tensor([1.0, 0.0, 0.5])             # the wrong part, at D
-    ref = background.view(1, 3, 1, 1).repeat(1, 1, size, size)
-    ref[0, :, 1, 1] = torch.tensor([0.0, 1.0, 0.5])               # the true part
-    bank = ReferenceBank(2, 2, (3, size, size))
-    bank.add(ref, torch.tensor([0]), torch.tensor([[0, 0, 0]]))
-    head, true, pred = _PositionalHead(), torch.tensor([0]), torch.tensor([1])
-    assert head(query).argmax(1).item() == 1 and head(ref).argmax(1).item() == 0
-    one_cell = 1.0 / (size * size)              # one candidate: the true-part cell
-    base = dict(candidate_fraction=one_cell, reference_lookahead=1, max_region_size=1, seed=0)
+    query = torch.zeros(1, 4, size, size)
+    query[0, 3] = 0.3
+    query[0, :, 3, 0] = torch.tensor([1.0, 0.0, 2.0, 0.0])
+    query[0, :, 3, 1] = torch.tensor([0.0, 0.0, 2.0, 0.0])
+    ref = torch.zeros(1, 4, size, size)
+    ref[0, 3] = 0.3
+    ref[0, :, 3, 1] = torch.tensor([0.0, 1.0, 2.0, 0.0])
+    ref[0, :, 3, 2] = torch.tensor([0.0, 0.0, 2.0, 0.0])
+    ref[0, :, 0, 0] = torch.tensor([0.0, 3.0, 0.0, 0.3])
+    bank = ReferenceBank(2, 2, (4, size, size))
+    bank.add(ref, torch.tensor([0]), torch.tensor([[0, 0, 5]]))
+    return _PartHead(), query, bank
 
-    # default: a cell's absent value is its most similar reference cell, background for every
-    # cell (D's wrong part included), so only D's difference from the true class counts
-    (res,) = counterfactual_search(head, query, true, pred, bank, SearchConfig(**base))
-    expected = torch.zeros(size, size)
-    expected[head.D] = 1.0                                        # removing the wrong part
-    assert torch.allclose(res.contributions, expected, atol=1e-5)
+
+def test_swaps_copy_the_corresponding_part_not_the_strongest_evidence():
+    head, query, bank = _off_part_problem()
+    true, pred = torch.tensor([0]), torch.tensor([1])
+    assert head(query).argmax(1).item() == 1
+    # the greedy baseline scores every (query cell, reference cell) pair and pastes the blob
+    (greedy,) = greedy_search(head, query, true, pred, bank, SearchConfig(), max_cells=1)
+    assert greedy.success and greedy.edits[0].reference_cells == ((0, 0),)
+    (res,) = counterfactual_search(head, query, true, pred, bank, SearchConfig(max_shift=1))
     assert res.success and res.num_edits == 1
-    assert res.edits[0].query_cells == (head.D,) and res.edits[0].reference_cells == ((1, 1),)
+    assert res.edits[0].query_cells == ((3, 0),) and res.edits[0].reference_cells == ((3, 1),)
+    expected = torch.zeros(4, 4)
+    expected[3, 0] = 2.0                        # only D differs from its corresponding cell
+    assert torch.allclose(res.contributions, expected, atol=1e-5)
 
-    # evidence-cell baseline: every absent cell becomes the true part, so every cell scores, E
-    # most (weight 3) and the edit paints the part onto the empty cell instead
-    (ev,) = counterfactual_search(head, query, true, pred, bank,
-                                  SearchConfig(absent_fraction=one_cell, **base))
-    expected = torch.ones(size, size)
-    expected[head.E], expected[head.D] = 3.0, 2.0
-    assert torch.allclose(ev.contributions, expected, atol=1e-5)
-    assert ev.success and ev.edits[0].query_cells == (head.E,)
+
+def test_a_mirrored_reference_corresponds_mirrored_cells():
+    """The same problem with the reference mirrored left-right: the query's part at (3, 0)
+    corresponds to the reference's (3, 2), and the blob, now at (0, 3), to no query cell."""
+    head, query, bank = _off_part_problem()
+    ref = bank.get(0)[0].flip(-1)                # part at (3, 2), object at columns 1-2
+    mirrored = ReferenceBank(2, 2, (4, 4, 4))
+    mirrored.add(ref, torch.tensor([0]), torch.tensor([[0, 0, 5]]))
+    true, pred = torch.tensor([0]), torch.tensor([1])
+    (res,) = counterfactual_search(head, query, true, pred, mirrored, SearchConfig(max_shift=1))
+    assert res.success and res.edits[0].query_cells == ((3, 0),)
+    assert res.edits[0].reference_cells == ((3, 2),)
+    (plain,) = counterfactual_search(head, query, true, pred, mirrored,
+                                     SearchConfig(max_shift=1, mirror=False))
+    assert plain.edits[0].reference_cells != ((3, 2),)   # without mirrors no transform fits
+
+
+def test_annotations_restrict_the_swap_to_the_same_part():
+    """The reference's true part sits two columns right of the cell that aligns with the query's
+    wrong part. Without labels, the only swap of corresponding cells that brings the true part in
+    lands on the query's background at (1, 2); with the part labels the query's part cell
+    corresponds to the reference's part, and that one swap flips."""
+    head = _PartHead()
+    query = torch.zeros(1, 4, 4, 4)
+    query[0, 3] = 0.3
+    query[0, :, 1, 0] = torch.tensor([1.5, 0.0, 2.0, 0.0])        # wrong part at (1, 0)
+    ref = torch.zeros(1, 4, 4, 4)
+    ref[0, 3] = 0.3
+    ref[0, :, 1, 0] = torch.tensor([0.5, 0.0, 2.0, 0.0])          # the object, aligned
+    ref[0, :, 1, 2] = torch.tensor([0.0, 1.0, 0.0, 0.3])          # its part, displaced
+    bank = ReferenceBank(2, 2, (4, 4, 4))
+    bank.add(ref, torch.tensor([0]), torch.tensor([[0, 0, 5]]))
+    true, pred = torch.tensor([0]), torch.tensor([1])
+    cfg = SearchConfig(max_shift=0, mirror=False)
+    (plain,) = counterfactual_search(head, query, true, pred, bank, cfg)
+    assert (1, 2) in plain.edited_cells                  # the part pasted onto the background
+    qp = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    qp[0, 0, 1, 0] = True
+    rp = torch.zeros(1, 4, 4, dtype=torch.bool)
+    rp[0, 1, 2] = True
+    (res,) = counterfactual_search(head, query, true, pred, bank, cfg, query_parts=qp,
+                                   reference_parts={(0, 0, 5): rp})
+    assert res.success and res.num_edits == 1
+    assert res.edits[0].query_cells == ((1, 0),) and res.edits[0].reference_cells == ((1, 2),)
+    with pytest.raises(ValueError, match="query_parts"):
+        counterfactual_search(head, query, true, pred, bank, cfg, query_parts=qp[0],
+                              reference_parts={(0, 0, 5): rp})
+    with pytest.raises(ValueError, match="labels of reference"):
+        counterfactual_search(head, query, true, pred, bank, cfg, query_parts=qp,
+                              reference_parts={(0, 0, 5): rp[:, :2]})

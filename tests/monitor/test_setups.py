@@ -214,3 +214,28 @@ def test_trainer_test_is_explained_into_test_dirs_when_asked(tmp_path, caplog):
     assert reports["epoch_001"]["stage"] == "fit"
     assert [s["stage"] for s in monitor.summaries] == ["fit", "fit", "test", "test"]
     assert monitor.history.epochs == [0, 1]                   # the test is not a validation
+
+
+def test_annotated_parts_reach_the_search(tmp_path, monkeypatch):
+    from _callback_fixtures import KeypointDataset
+    from fgvce_lightning.engine import search as engine_search
+
+    search, seen = engine_search.counterfactual_search, []
+
+    def recording(head, queries, true, pred, bank, config, generator=None, **kwargs):
+        seen.append(kwargs)
+        return search(head, queries, true, pred, bank, config, generator, **kwargs)
+
+    monkeypatch.setattr(engine_search, "counterfactual_search", recording)
+    L.seed_everything(0)
+    train = DataLoader(KeypointDataset(64, 1), batch_size=16, shuffle=True)
+    val = DataLoader(KeypointDataset(64, 2), batch_size=16)
+    _trainer(tmp_path, _monitor(tmp_path / "r")).fit(TinyClassifier(), train, val)
+    assert seen
+    for kwargs in seen:                       # (two keypoints: top and bottom, on the 4x4 grid)
+        labels = kwargs["query_parts"]
+        assert labels.dtype == torch.bool and labels.shape[1:] == (2, 4, 4)
+        assert bool(labels[:, 0, 0, 2].all()) and bool(labels[:, 1, 3, 2].all())
+    report = _reports(tmp_path / "r")["epoch_000"]
+    refs = [tuple(e["reference"]["id"]) for s in report["samples"] for e in s["edits"]]
+    assert refs and all(seen[0]["reference_parts"](r) is not None for r in refs)

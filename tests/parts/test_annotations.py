@@ -16,7 +16,7 @@ def test_keypoints_land_in_known_cells():
                         [-1.0, 10.0, 1.0],      # outside (left)
                         [10.0, 224.0, 1.0],     # outside (bottom edge is exclusive)
                         [float("nan"), 3.0, 1.0]]])
-    out = keypoints_to_cell_parts(kp, (224, 224), (7, 7))
+    out = keypoints_to_cell_parts(kp, (224, 224), (7, 7), radius=0)
     assert out.shape == (2, 4, 7, 7) and out.dtype == torch.bool
     expected = torch.zeros(2, 4, 7, 7, dtype=torch.bool)
     expected[0, 0, 0, 0] = expected[0, 1, 1, 3] = expected[0, 2, 6, 6] = expected[0, 3, 0, 2] = True
@@ -26,9 +26,36 @@ def test_keypoints_land_in_known_cells():
 def test_keypoints_non_divisible_and_rectangular_sizes():
     # 100 rows x 60 cols input on a 3x4 grid: rows of 33.3 px, cols of 15 px.
     kp = torch.tensor([[[59.0, 99.0, 2.0], [15.0, 33.4, 1.0]]])
-    out = keypoints_to_cell_parts(kp, (100, 60), (3, 4))
+    out = keypoints_to_cell_parts(kp, (100, 60), (3, 4), radius=0)
     assert out[0, 0].nonzero().tolist() == [[2, 3]]
     assert out[0, 1].nonzero().tolist() == [[1, 1]]
+
+
+def test_keypoints_label_the_cells_within_the_radius_nearest_keypoint_first():
+    """Known answers on an 8x8 input, 4x4 grid (2 px per cell, cell (i, j) centred at
+    (2j + 1, 2i + 1) px). Part 0 sits at the centre of cell (1, 1), part 1 at that of (1, 3)."""
+    kp = torch.tensor([[[3.0, 3.0, 1.0], [7.0, 3.0, 1.0]]])
+    # radius 1 cell: the four edge neighbours of each keypoint's cell (distance 1), not the
+    # diagonal ones (distance 1.41); cell (1, 2) is 1 from both: the nearest is a tie, taken by
+    # the lower part index, and neither keypoint lies inside it
+    out = keypoints_to_cell_parts(kp, (8, 8), (4, 4), radius=1.0)
+    assert out[0, 0].nonzero().tolist() == [[0, 1], [1, 0], [1, 1], [1, 2], [2, 1]]
+    assert out[0, 1].nonzero().tolist() == [[0, 3], [1, 3], [2, 3]]
+    # radius 1.5: the diagonal neighbours join; the nearest keypoint decides between the parts
+    wide = keypoints_to_cell_parts(kp, (8, 8), (4, 4), radius=1.5)
+    assert wide[0, 0, 0, 0] and wide[0, 0, 2, 2] and not wide[0, 1, 2, 2]
+    assert wide[0, 1, 2, 3] and not wide[0, 1, 3, 3]                   # 2 cells away: no
+    assert not bool((wide[0, 0] & wide[0, 1]).any())   # one part per cell when none lies in it
+    # a keypoint inside a cell always labels it, even when another one is nearer its centre
+    kp2 = torch.tensor([[[2.1, 2.1, 1.0], [3.0, 3.0, 1.0]]])      # both inside cell (1, 1)
+    both = keypoints_to_cell_parts(kp2, (8, 8), (4, 4), radius=0.5)
+    assert both[0, :, 1, 1].tolist() == [True, True]
+    assert not bool(both[0, 0, 0, 0])                              # 1.27 cells away
+    # no keypoint within the radius: the cell carries no part (it is background)
+    far = keypoints_to_cell_parts(kp, (8, 8), (4, 4), radius=1.0)
+    assert not bool(far[0, :, 3, 0].any())
+    with pytest.raises(ValueError, match="radius"):
+        keypoints_to_cell_parts(kp, (8, 8), (4, 4), radius=-1)
 
 
 def test_keypoint_validation_errors():
@@ -48,7 +75,8 @@ def test_masks_coverage_threshold():
     mask[0, 1, 0, 4:7] = True           # cell (0,1): 3/16 = 0.1875
     out = masks_to_cell_parts(mask, (2, 2), min_coverage=0.2)
     assert out[0, 0].tolist() == [[True, False], [False, True]]
-    assert out[0, 1].tolist() == [[False, False], [False, False]]
+    # part 1 covers too little of any cell, but the cell holding most of it carries it
+    assert out[0, 1].tolist() == [[False, True], [False, False]]
     out = masks_to_cell_parts(mask, (2, 2), min_coverage=0.25)
     assert out[0, 0].tolist() == [[True, False], [False, True]]
     out = masks_to_cell_parts(mask, (2, 2), min_coverage=0.5)
@@ -86,4 +114,4 @@ def test_part_ids_and_names():
     labels = onehot[0].clone()
     labels[0, 1, 0] = True   # cell (1, 0) carries "a" as well as "c"
     names = cell_part_names(labels, ["a", "b", "c"])
-    assert names == [[("a",), ()], [("a", "c"), ("a",)]]
+    assert names == [[("a",), ("background",)], [("a", "c"), ("a",)]]   # never empty

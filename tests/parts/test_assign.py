@@ -24,11 +24,18 @@ def test_assign_from_boolean_labels_with_references():
             make_explanation(1, [make_edit([(2, 2)], [(0, 1)], ref_id=(0, 9, 9))]),
             skipped(1)]
     out = assign_parts(exps, NAMES, query_labels(), {(0, 4, 2): ref})
-    assert out[0].edit_parts == (("beak", "tail", "wing"), ())
-    assert out[0].reference_parts == (("wing",), ())
-    assert out[0].cell_parts[1][1] == ("tail", "wing") and out[0].cell_parts[2][2] == ()
+    # (2, 0) carries no part: the edit lies on the background; the first reference edit touches
+    # the wing and a background cell: it is about the wing
+    assert out[0].edit_parts == (("beak", "tail", "wing"), ("background",))
+    assert out[0].reference_parts == (("wing",), ("background",))
+    # per cell: beak <- wing and wing/tail <- background are judged and differ; background <-
+    # background says nothing about parts and is not judged
+    assert out[0].consistent_cells == (0, 0) and out[0].judged_cells == (2, 0)
+    assert out[0].cell_parts[1][1] == ("tail", "wing")
+    assert out[0].cell_parts[2][2] == ("background",)
     assert out[1].edit_parts == (("tail",),)
     assert out[1].reference_parts == ()          # reference (0, 9, 9) unknown -> unknown as a whole
+    assert out[1].consistent_cells == ()
     assert out[2].edit_parts == () and out[2].cell_parts is None
 
 
@@ -38,7 +45,7 @@ def test_assign_from_part_id_maps_and_callable_references():
     out = assign_parts(exps, NAMES, ids, lambda key: torch.full((3, 3), 2) if key == (1,) else None)
     assert out[0].edit_parts == (("tail", "wing"),)
     assert out[0].reference_parts == (("tail",),)
-    assert out[0].cell_parts[2] == [(), (), ()]
+    assert out[0].cell_parts[2] == [("background",)] * 3
 
 
 def test_assign_errors():

@@ -80,3 +80,48 @@ def test_part_history_trends_and_state():
     assert restored.as_dict() == history.as_dict()
     with pytest.raises(ValueError, match="key"):
         history.series("beak", "nope")
+
+
+def test_wilson_interval_known_values():
+    from fgvce_lightning.parts.stats import wilson_interval
+    lo, hi = wilson_interval(4, 5)
+    assert (round(lo, 3), round(hi, 3)) == (0.376, 0.964)       # textbook values, z = 1.96
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = wilson_interval(10, 10)
+    assert hi == 1.0 and lo == pytest.approx(0.7225, abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    lo, hi = wilson_interval(400, 1000)
+    assert lo < 0.4 < hi and hi - lo < 0.07                      # narrows with the count
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(6, 5)
+
+
+def test_intervals_pairs_marked_when_too_few_and_background_as_a_part():
+    from fgvce_lightning.parts.stats import wilson_interval
+    edits = lambda parts: ExplainedSample(   # noqa: E731 - one mistake of the pair (1, 2)
+        make_explanation(0, [make_edit([(0, 0)], [(0, 0)])], true=1, pred=2, success=True),
+        query_id=(0, 0, 0), edit_parts=(parts,))
+    many = [edits(("tail",))] * 4 + [edits(("background",))] * 2
+    few = [ExplainedSample(make_explanation(1, [make_edit([(0, 1)], [(0, 1)])], true=3, pred=4,
+                                            success=True), query_id=(0, 1, 0),
+                           edit_parts=(("beak",),))]
+    stats = compute_epoch_stats(many + few, PARTS, num_misclassified=7, min_pair_count=5)
+    assert [p.name for p in stats.parts] == ["beak", "wing", "tail", "background"]
+    tail = next(p for p in stats.part_stats if p.part == "tail")
+    assert tail.count == 4 and tail.interval == wilson_interval(4, 7)
+    big, small = stats.pair_stats
+    assert (big.count, big.dominant_parts[0], big.enough) == (6, "tail", True)
+    assert big.dominant_share == pytest.approx(4 / 6)
+    assert big.dominant_interval == wilson_interval(4, 6)
+    assert (small.count, small.enough) == (1, False) and stats.min_pair_count == 5
+
+
+def test_semantic_consistency_is_counted_per_cell_when_known():
+    two_cells = make_explanation(0, [make_edit([(0, 0), (0, 1)], [(0, 0), (1, 1)]),
+                                     make_edit([(1, 0)], [(1, 0)])], true=1, pred=2, success=True)
+    s = ExplainedSample(two_cells, query_id=(0, 0, 0), edit_parts=(("beak",), ("tail",)),
+                        reference_parts=(("beak",), ("wing",)), consistent_cells=(1, 0),
+                        judged_cells=(2, 1))
+    stats = compute_epoch_stats([s], PARTS, num_misclassified=1)
+    assert stats.semantic_consistency == pytest.approx(1 / 3) and stats.consistency_cells == 3

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fgvce_lightning.engine.results import Edit, Explanation
+from fgvce_lightning.parts.stats import wilson_interval
 from fgvce_lightning.parts.types import EpochStats, PairStat, PartInfo, PartStat
 from fgvce_lightning.reporting.epoch import EpochResult, ExplainedSample
 
@@ -54,9 +55,11 @@ def build_result(epoch: int = 3, nan_stats: bool = False) -> EpochResult:
         num_misclassified=10, num_explained=2, num_skipped=1, flip_rate=0.5,
         mean_edits=nan if nan_stats else 2.0,
         parts=(PartInfo(0, "head", "keypoints"), PartInfo(1, "left wing", "keypoints")),
-        part_stats=(PartStat("head", 0.5, 1, 0.6, 2), PartStat("left wing", 0.5, 1, 0.4, 2)),
-        pair_stats=(PairStat(1, 2, 1, {"head": 1}, ("head",), (0,)),
-                    PairStat(3, 4, 1, {"left wing": 1}, ("left wing",), (1,))),
+        part_stats=(PartStat("head", 0.5, 1, 0.6, 2, wilson_interval(1, 2)),
+                    PartStat("left wing", 0.5, 1, 0.4, 2, wilson_interval(1, 2))),
+        pair_stats=(PairStat(1, 2, 1, {"head": 1}, ("head",), (0,), 1.0, wilson_interval(1, 1)),
+                    PairStat(3, 4, 1, {"left wing": 1}, ("left wing",), (1,), 1.0,
+                             wilson_interval(1, 1))),
         semantic_consistency=None if nan_stats else 0.75)
     return EpochResult(epoch=epoch, global_step=1200, feature_grid=GRID, input_size=(SIZE, SIZE),
                        samples=samples, stats=stats, class_names=CLASS_NAMES,

@@ -34,6 +34,11 @@ def test_report_matches_the_design_contract(result):
     assert (e0["similarity"], e0["p_true_after"], e0["p_pred_after"]) == (0.83, 0.41, 0.45)
     assert s0["contributions"][3][0] == -1.0 and s0["regions"][1][2] == 6
     assert report["pair_stats"][0]["examples"] == [0]
+    # statistics a person can trust: intervals, and pairs too small to tell marked as such
+    assert report["part_stats"][0]["interval"] == pytest.approx([0.0945, 0.9055], abs=1e-3)
+    pair = report["pair_stats"][0]
+    assert pair["dominant_share"] == 1.0 and pair["enough"] is False
+    assert pair["dominant_interval"][0] == pytest.approx(0.2065, abs=1e-3)
 
 
 def test_nan_becomes_null_and_json_round_trips(make_result):
@@ -151,6 +156,8 @@ def test_html_is_self_contained_and_escaped(written):
     assert "<b>gull" not in html and "&lt;b&gt;gull &amp; tern&lt;/b&gt;" in html
     assert 'id="sample-1"' in html and 'href="#sample-1"' in html
     assert "empty bank for class 0" in html and "non-finite features" in html
+    assert "95% interval" in html and "0.09–0.91" in html
+    assert "too few to tell (n &lt; 5)" in html
 
 
 def test_png_encoder_round_trips():

@@ -42,7 +42,12 @@ def test_layout_structure_and_coverage(result):
     assert list(layout) == ["part-error panels"]
     charts = layout["part-error panels"]
     for chart in charts.values():
-        assert chart[0] == "Multiline" and chart[1] and all(isinstance(t, str) for t in chart[1])
+        assert chart[0] in ("Multiline", "Margin") and all(isinstance(t, str) for t in chart[1])
+        assert len(chart[1]) == 3 if chart[0] == "Margin" else chart[1]
+    # each known part: its error share with the interval as the band
+    assert charts["part: left wing"] == ["Margin", [
+        "fgvce/part_error_share/left_wing", "fgvce/part_error_share_low/left_wing",
+        "fgvce/part_error_share_high/left_wing"]]
     tags = epoch_scalars(result)
 
     def charts_matching(tag):
@@ -54,6 +59,7 @@ def test_layout_structure_and_coverage(result):
         assert charts_matching(tag), f"{tag} is in no chart"
     assert set(charts_matching("fgvce/part_error_share/left_wing")) == {
         "part error share (all parts)", "part: left wing"}
+    assert charts_matching("fgvce/part_error_share_low/left_wing") == ["part: left wing"]
     assert charts_matching("fgvce/part_error_share/beak") == ["part error share (all parts)"]
     assert set(charts_matching("fgvce/flip_rate")) == {"overview: flip rate, mean edits"}
     assert set(charts_matching("fgvce/misclassified")) == {"explained vs misclassified"}

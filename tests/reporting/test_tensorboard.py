@@ -41,7 +41,8 @@ def test_summary_writer_round_trip(tmp_path, make_result):
     text = ea.Tensors("fgvce/summary/text_summary")
     assert [t.step for t in text] == [5, 10]
     markdown = tensor_util.make_ndarray(text[0].tensor_proto).item().decode()
-    assert "| 1 (frigatebird) → 2 (&lt;b&gt;gull &amp; tern&lt;/b&gt;) | 1 | head (1) | 0/5/17 |" in markdown
+    assert ("| 1 (frigatebird) → 2 (&lt;b&gt;gull &amp; tern&lt;/b&gt;) | 1 | head 1.000 "
+            "(0.21–1.00), too few to tell (n &lt; 5) | head (1) | 0/5/17 |") in markdown
 
     # the custom-scalars layout is written once, and matches the scalar tags
     assert "custom_scalars__config__" in ea.PluginTagToContent("custom_scalars")
@@ -52,7 +53,13 @@ def test_summary_writer_round_trip(tmp_path, make_result):
     assert category.title == "part-error panels"
     charts = {c.title: list(c.multiline.tag) for c in category.chart}
     assert charts["part error share (all parts)"] == [r"^fgvce/part_error_share/.*"]
-    assert charts["part: left wing"][0] == r"^fgvce/part_error_share/left_wing$"
+    margin = next(c.margin for c in category.chart if c.title == "part: left wing")
+    (series,) = margin.series
+    assert (series.value, series.lower, series.upper) == (
+        "fgvce/part_error_share/left_wing", "fgvce/part_error_share_low/left_wing",
+        "fgvce/part_error_share_high/left_wing")
+    assert ea.Scalars("fgvce/part_error_share_low/left_wing")[0].value == pytest.approx(0.0945,
+                                                                                       abs=1e-3)
 
 
 class _Recorder:
@@ -102,5 +109,5 @@ def test_select_samples_and_summary(result):
     assert select_samples(result, 1) == [0]
     text = markdown_summary(result)
     assert "2 of 10 mistakes explained" in text and "| 0.500 | 2.00 | 0.750 |" in text
-    assert "| left wing | 0.500 | 1 | 0.400 |" in text
+    assert "| left wing | 0.500 | 0.09–0.91 | 1 | 0.400 |" in text
     assert "non-finite features" in text
