@@ -403,3 +403,23 @@ def test_copy_rows_matches_indexed_assignment_for_every_dtype_and_layout():
     odd = torch.zeros(10, 3, 8, dtype=torch.uint8)[:, :, 1:]    # not contiguous: written through
     copy_rows(odd, torch.tensor([2]), torch.ones(1, 3, 7, dtype=torch.uint8))
     assert int(odd.sum()) == 21 and odd[2].eq(1).all()
+
+
+def test_reference_extras_rows_of_a_class_follow_the_banks_slot_order():
+    from fgvce_lightning.engine.bank import ReferenceBank
+
+    gen = torch.Generator().manual_seed(0)
+    bank, extras = ReferenceBank(3, 4, (2, 2, 2)), ReferenceExtras(3, 4)
+    labels = torch.randint(0, 3, (9,), generator=gen)
+    ids = torch.stack([torch.zeros(9), torch.zeros(9), torch.arange(9)], 1).long()
+    bank.add(torch.randn(9, 2, 2, 2, generator=gen), labels, ids)
+    extras.add(labels, ids, thumb=ids.float())
+    for c in range(3):
+        _, bank_ids = bank.get(c)
+        rows, found = extras.rows_of("thumb", c, bank_ids)
+        assert bool(found.all()) and torch.equal(rows, bank_ids.float())
+        for key, row in zip(bank_ids.tolist(), rows):          # as the lookup by id finds them
+            assert torch.equal(extras.lookup_id("thumb", tuple(key)), row)
+    _, bank_ids = bank.get(0)
+    _, found = extras.rows_of("thumb", 0, bank_ids + 1)         # ids that are not there
+    assert not bool(found.any())

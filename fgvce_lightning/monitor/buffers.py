@@ -198,6 +198,17 @@ class ReferenceExtras:
         rows = store[safe, slot]
         return [rows[i].clone() if bool(found[i]) else None for i in range(classes.shape[0])]
 
+    def rows_of(self, name: str, cls: int, ids: torch.Tensor
+                ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """The extras ``name`` of the first ``n`` slots of class ``cls`` (the bank's slot order,
+        as :meth:`ReferenceBank.get <fgvce_lightning.engine.bank.ReferenceBank.get>` returns
+        them) and ``(n,)`` bool: where their ids are ``ids (n, id_width)``. One comparison, no
+        search by id."""
+        store = self._rings(name)
+        n = int(ids.shape[0])
+        found = (self.ids[int(cls), :n] == ids.long().cpu()).all(-1)
+        return (None if store is None else store[int(cls), :n]), found
+
     def lookup_id(self, name: str, key: tuple) -> Optional[torch.Tensor]:
         """The extras ``name`` of the sample with id ``key`` (any class), or ``None`` if gone."""
         store = self._rings(name)

@@ -151,18 +151,21 @@ class Publisher:
         store, protos = collector.stores, ctx.prototypes
         if store.part_source != "prototypes" or not protos.fitted:
             return
-        maps, ids = zip(*(store.bank.get(k) for k in range(store.bank.num_classes)))
-        maps_t, ids_t = torch.cat(maps), torch.cat(ids)
-        thumbs = [store.extras.lookup_id("thumb", tuple(i)) for i in ids_t.tolist()]
-        keep = [i for i, t in enumerate(thumbs) if t is not None]
-        if not keep or deadline.expired():
-            if keep:
+        maps, thumbs = [], []
+        for k in range(store.bank.num_classes):          # the references with their thumbnails
+            feats, ids = store.bank.get(k)
+            kept, found = store.extras.rows_of("thumb", k, ids)
+            if kept is not None and bool(found.any()):
+                maps.append(feats[found.to(feats.device)])
+                thumbs.append(kept[found])
+        if not maps or deadline.expired():
+            if maps:
                 notes.append(f"no part strips drawn: {deadline.why()}")
             return
-        feats = part_channels(ctx.search, maps_t[torch.tensor(keep).to(maps_t.device)])
+        feats = part_channels(ctx.search, torch.cat(maps))
         with ctx.lock:
             parts = protos.parts()
-            images = protos.patch_strips(feats, pictures(torch.stack([thumbs[i] for i in keep])), k=8)
+            images = protos.patch_strips(feats, pictures(torch.cat(thumbs)), k=8)
         for n, part in enumerate(parts):
             if deadline.expired():
                 notes.append(f"{n} of {len(parts)} part strips drawn to TensorBoard: {deadline.why()}")

@@ -353,12 +353,16 @@ class PartPrototypes:
             self._generator.set_state(state["generator"])
 
 
+_CROP_CHUNK = 512     # tiles cropped together by :func:`_resized_crops`
+
+
 def _resized_crops(images: torch.Tensor, index: torch.Tensor, top: torch.Tensor,
                    bottom: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
                    size: int) -> torch.Tensor:
     """Crops ``images[index[m], :, top[m]:bottom[m], left[m]:right[m]]`` resized to ``size`` x
-    ``size`` in one batched pass, with the sampling of ``F.interpolate(mode="bilinear",
-    align_corners=False)`` on each crop (never reading outside it).
+    ``size``, a chunk of tiles at a time (four gathers and a blend), with the sampling of
+    ``F.interpolate(mode="bilinear", align_corners=False)`` on each crop (never reading outside
+    it).
 
     Args:
         images: ``(N, 3, h, w)`` float images.
@@ -377,14 +381,18 @@ def _resized_crops(images: torch.Tensor, index: torch.Tensor, top: torch.Tensor,
         last = (length - 1)[:, None]
         return start[:, None] + low.minimum(last), start[:, None] + (low + 1).minimum(last), frac
 
-    src = images[index]                                                  # (M, 3, h, w)
-    m, c, _, w = src.shape
     y0, y1, fy = taps(top, bottom)                                       # (M, size)
     x0, x1, fx = taps(left, right)
-    pick = lambda ys: src.gather(2, ys[:, None, :, None].expand(m, c, size, w))  # noqa: E731
-    fy = fy[:, None, :, None]
-    rows = pick(y0) * (1 - fy) + pick(y1) * fy                           # (M, 3, size, w)
-    pick = lambda xs: rows.gather(3, xs[:, None, None, :].expand(m, c, size, size))  # noqa: E731
-    fx = fx[:, None, None, :]
-    return pick(x0) * (1 - fx) + pick(x1) * fx
+    out = torch.empty(index.shape[0], images.shape[1], size, size, dtype=images.dtype)
+    for lo in range(0, index.shape[0], _CROP_CHUNK):    # (bounded memory: a chunk of tiles at once)
+        sl = slice(lo, lo + _CROP_CHUNK)
+        img = index[sl, None, None]
 
+        def at(ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:     # (m, size, size, C)
+            return images[img, :, ys[sl, :, None], xs[sl, None, :]]
+
+        wy, wx = fy[sl, :, None, None], fx[sl, None, :, None]
+        top_row = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
+        bottom_row = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
+        out[sl] = (top_row * (1 - wy) + bottom_row * wy).permute(0, 3, 1, 2)
+    return out

@@ -58,18 +58,20 @@ def _empty(figure: Figure, message: str) -> Figure:
     return figure
 
 
-def part_error_figure(stats: EpochStats, *, dpi: int = 80) -> Figure:
+def part_error_figure(stats: EpochStats, *, max_parts: int = 30, dpi: int = 80) -> Figure:
     """Horizontal bars of each part's error share (and contribution share).
 
     Args:
         stats: the epoch statistics; parts are shown in ``stats.part_stats`` order
             (largest error share first, at the top).
+        max_parts: at most this many parts are shown (the first of ``stats.part_stats``: with
+            hundreds of discovered parts a bar each would be unreadable, and slow to draw).
         dpi: resolution of the figure.
 
     Returns:
         A :class:`~matplotlib.figure.Figure` (a "no part statistics" note when there are none).
     """
-    part_stats = list(stats.part_stats)
+    part_stats = list(stats.part_stats)[:max_parts]
     height = max(2.4, 0.45 * len(part_stats) + 1.2)
     figure = Figure(figsize=(6.0, height), dpi=dpi, layout="constrained")
     if not part_stats:
@@ -90,7 +92,9 @@ def part_error_figure(stats: EpochStats, *, dpi: int = 80) -> Figure:
     top = max([1.0] + [v for v in err + con if math.isfinite(v)])
     ax.set_xlim(0.0, top * 1.08)
     ax.set_xlabel("share of explained mistakes (error) / of positive contribution")
-    ax.set_title(f"Parts behind the mistakes ({stats.num_explained} explained)")
+    shown = ("" if len(part_stats) == len(stats.part_stats) else
+             f"; the first {len(part_stats)} of {len(stats.part_stats)} parts")
+    ax.set_title(f"Parts behind the mistakes ({stats.num_explained} explained{shown})")
     ax.legend(loc="lower right", fontsize=8)
     return figure
 
@@ -104,7 +108,7 @@ def _pair_rows(pair_stats: Sequence[PairStat], parts: Sequence[str]) -> np.ndarr
 
 
 def confusion_part_heatmap(stats: EpochStats, class_names: Optional[Sequence[str]] = None, *,
-                           max_pairs: int = 12, dpi: int = 80) -> Figure:
+                           max_pairs: int = 12, max_parts: int = 30, dpi: int = 80) -> Figure:
     """Heat map: confusion pairs (rows) × parts (columns).
 
     A cell is the share of that pair's explained mistakes whose edits touch the part; a pair with
@@ -114,6 +118,7 @@ def confusion_part_heatmap(stats: EpochStats, class_names: Optional[Sequence[str
         stats: the epoch statistics (``pair_stats`` sorted by count, ``part_stats`` by share).
         class_names: optional class names for the row labels.
         max_pairs: at most this many (most frequent) pairs are shown.
+        max_parts: at most this many parts (the first of ``stats.part_stats``) are shown.
         dpi: resolution of the figure.
 
     Returns:
@@ -122,8 +127,8 @@ def confusion_part_heatmap(stats: EpochStats, class_names: Optional[Sequence[str
     if max_pairs < 1:
         raise ValueError(f"Expected `max_pairs` to be >= 1, but got {max_pairs}.")
     pairs = list(stats.pair_stats)[:max_pairs]
-    parts = [ps.part for ps in stats.part_stats] or sorted(
-        {p for pair in pairs for p in pair.part_counts})
+    parts = ([ps.part for ps in stats.part_stats] or sorted(
+        {p for pair in pairs for p in pair.part_counts}))[:max_parts]
     labels = [f"{class_label(p.true, class_names)} → {class_label(p.pred, class_names)} (n={p.count}"
               f"{'' if p.enough else ', too few'})" for p in pairs]
     width = max(5.0, 0.6 * len(parts) + 0.075 * max([0] + [len(t) for t in labels]) + 2.0)

@@ -80,3 +80,17 @@ def test_epoch_figures_are_drawn_once_per_result(monkeypatch, make_result):
     assert calls == [1] and html.count("data:image/png;base64,") == 2
     figures.epoch_figure_images(build_result())      # another epoch's result: drawn again
     assert calls == [1, 1]
+
+
+def test_figures_show_at_most_max_parts(result):
+    import dataclasses
+
+    from fgvce_lightning.reporting.figures import confusion_part_heatmap, part_error_figure
+
+    many = dataclasses.replace(result.stats, part_stats=tuple(
+        dataclasses.replace(result.stats.part_stats[0], part=f"p{k}") for k in range(40)))
+    bars = part_error_figure(many, max_parts=5).axes[0]
+    assert len(bars.get_yticks()) == 5 and "first 5 of 40 parts" in bars.get_title()
+    assert len(part_error_figure(result.stats).axes[0].get_yticks()) == len(result.stats.part_stats)
+    heat = confusion_part_heatmap(many, max_parts=7).axes[0]
+    assert len(heat.get_xticks()) == 7
