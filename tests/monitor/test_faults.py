@@ -277,3 +277,43 @@ def test_every_mechanism_can_be_switched_off_without_changing_the_explanations(
         _, model = _fit(tmp_path, monitor)
         assert _edits(tmp_path / name) == want, name
         assert all(torch.equal(a, b) for a, b in zip(base_model.parameters(), model.parameters()))
+
+
+def test_each_switch_changes_where_the_work_happens(tmp_path, monkeypatch):
+    from fgvce_lightning.monitor import stores
+
+    add, calls = stores.Stores.add, []
+
+    def recording(self, batch, pred, wrong):
+        nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) if hasattr(os, "getpriority") else 0
+        calls.append((threading.current_thread() is threading.main_thread(), nice,
+                      sorted(set(batch.ids[:, 1].tolist()))))
+        return add(self, batch, pred, wrong)
+
+    monkeypatch.setattr(stores.Stores, "add", recording)
+    monkeypatch.setattr(monitor_session.threads, "spare_cpu", lambda: False)
+    here = os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) if hasattr(os, "getpriority") else 0
+
+    def run(name, **switches):
+        calls.clear()
+        monitor = _monitor(tmp_path / name, _mechanisms=Mechanisms(**switches))
+        _fit(tmp_path / name, monitor, max_epochs=1)   # 4 validation batches of 16
+        return monitor, list(calls)
+
+    _, default = run("default")                 # all four together, by the background job
+    assert [(main, ids) for main, _, ids in default] == [(False, [0, 1, 2, 3])]
+    _, alone = run("waiting_sets", waiting_sets=False)
+    assert [ids for _, _, ids in alone] == [[0], [1], [2], [3]]
+    assert not any(main for main, _, _ in alone)        # held for the job, one set each
+    _, inline = run("held_sets", waiting_sets=False, held_sets=False)
+    assert [main for main, _, _ in inline] == [True] * 4      # stored on the loop as they fill
+    if hasattr(os, "getpriority"):
+        _, normal = run("low_priority", low_priority=False)
+        assert default[0][1] == min(19, here + 10) and normal[0][1] == here
+    monitor, _ = run("reuse_logits", reuse_logits=False)
+    assert monitor._session.capture.reuse_logits is False
+    monkeypatch.setattr(monitor_session.threads, "spare_cpu", lambda: True)
+    monitor, _ = run("collection_thread", collection_thread=False)
+    assert monitor._session.worker is None
+    monitor, _ = run("thread")
+    assert monitor._session.worker is not None
