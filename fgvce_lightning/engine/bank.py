@@ -3,7 +3,9 @@
 The counterfactual search draws its reference cells from feature maps of the true class that the
 model classified correctly. :class:`ReferenceBank` keeps the most recent ``capacity_per_class`` of
 them for every class (or the first ones, ``add(replace=False)``) in one preallocated tensor, so its
-memory is known up front and never grows.
+memory is known up front and never grows. With ``num_rows`` smaller than ``num_classes`` a class
+gets its ring on its first map (:class:`RowTable`), so the memory goes to the classes that occur;
+:meth:`ReferenceBank.reset` can trade rings for capacity within the same memory.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 from ._util import copy_kept_rows, finite_rows
 
-__all__ = ["ReferenceBank"]
+__all__ = ["ReferenceBank", "RowTable"]
 
 _ALLOWED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -67,6 +69,46 @@ def ring_slots(labels: torch.Tensor, write: torch.Tensor, capacity: int
     return keep, slots, per_class
 
 
+class RowTable:
+    """Which ring (row of a bank's storage) each class writes to.
+
+    With at least as many rows as classes, class ``c`` owns row ``c``. With fewer, a class is
+    handed the next free row on its first map and keeps it until :meth:`reset`; once every row is
+    taken, a new class gets none (its maps are not stored).
+    """
+
+    def __init__(self, num_classes: int, num_rows: int, device: torch.device) -> None:
+        self.num_classes, self.num_rows = int(num_classes), int(num_rows)
+        self.row_of = torch.full((self.num_classes,), -1, dtype=torch.int64, device=device)
+        self.reset()
+
+    def reset(self, num_rows: Optional[int] = None) -> None:
+        """Forget the assignment (``num_rows``: the new number of rows)."""
+        if num_rows is not None:
+            self.num_rows = int(num_rows)
+        if self.num_rows >= self.num_classes:
+            self.row_of.copy_(torch.arange(self.num_classes, device=self.row_of.device))
+            self.used = self.num_classes
+        else:
+            self.row_of.fill_(-1)
+            self.used = 0
+
+    def assign(self, labels: torch.Tensor) -> torch.Tensor:
+        """The row of every label ``(B,)``, handing rows to the classes that have none (in class
+        order); ``-1`` where none was left. One device sync when a batch brings a new class."""
+        rows = self.row_of[labels]
+        if self.used >= self.num_rows or self.used >= self.num_classes:
+            return rows
+        new = labels[rows < 0].unique()
+        if new.numel():
+            take = min(int(new.numel()), self.num_rows - self.used)
+            self.row_of[new[:take]] = torch.arange(self.used, self.used + take,
+                                                   device=self.row_of.device)
+            self.used += take
+            rows = self.row_of[labels]
+        return rows
+
+
 class ReferenceBank:
     """Per-class ring buffers of reference feature maps, preallocated on one device and dtype.
 
@@ -82,6 +124,10 @@ class ReferenceBank:
             search computes in float32 anyway).
         id_width: length of the integer id stored with every map (e.g. ``(dataloader_idx,
             batch_idx, position)``).
+        num_rows: rings allocated (default ``num_classes``: one per class); fewer are handed
+            to the classes as their first maps arrive (:class:`RowTable`).
+        pin_memory: allocate a CPU bank in pinned memory (when CUDA is available), so the
+            search's copies of the references to the GPU are fast.
 
     Example:
         >>> bank = ReferenceBank(10, 4, (8, 7, 7))
@@ -93,26 +139,37 @@ class ReferenceBank:
 
     def __init__(self, num_classes: int, capacity_per_class: int,
                  feature_shape: tuple[int, int, int], device: Union[str, torch.device] = "cpu",
-                 dtype: torch.dtype = torch.float32, id_width: int = 3) -> None:
+                 dtype: torch.dtype = torch.float32, id_width: int = 3, *,
+                 num_rows: Optional[int] = None, pin_memory: bool = False) -> None:
         self._num_classes = _check_positive_int(num_classes, "num_classes")
         self._capacity = _check_positive_int(capacity_per_class, "capacity_per_class")
         self._feature_shape = _check_feature_shape(feature_shape)
         self._id_width = _check_positive_int(id_width, "id_width")
+        rows = self._num_classes if num_rows is None else _check_positive_int(num_rows, "num_rows")
         if dtype not in _ALLOWED_DTYPES:
             raise ValueError(f"Expected `dtype` to be one of {list(_ALLOWED_DTYPES)}, but got {dtype}.")
         self._device = torch.device(device)
         self._dtype = dtype
+        self._slots = rows * self._capacity
+        pin = bool(pin_memory) and self._device.type == "cpu" and torch.cuda.is_available()
         # the rings, plus one spare row past them: `add(rows=)` writes the rows it leaves out there
         # instead of gathering the others first
-        self._storage = torch.zeros(self._num_classes * self._capacity + 1, *self._feature_shape,
-                                    device=self._device, dtype=dtype)
-        self._features = self._storage[:-1].view(self._num_classes, self._capacity,
-                                                 *self._feature_shape)
-        self._ids = torch.full((self._num_classes, self._capacity, self._id_width), -1,
-                               device=self._device, dtype=torch.int64)
+        self._storage = torch.zeros(self._slots + 1, *self._feature_shape, device=self._device,
+                                    dtype=dtype, pin_memory=pin)
+        self.rows = RowTable(self._num_classes, rows, self._device)
+        self._layout()
         self._counts = torch.zeros(self._num_classes, device=self._device, dtype=torch.int64)
         self._write = torch.zeros(self._num_classes, device=self._device, dtype=torch.int64)
         self._seen = torch.zeros(self._num_classes, device=self._device, dtype=torch.int64)
+
+    def _layout(self) -> None:
+        """View the storage as ``(rows, capacity, C, H, W)`` rings (and their ids)."""
+        rows = self._slots // self._capacity
+        self._features = self._storage[:rows * self._capacity].view(rows, self._capacity,
+                                                                    *self._feature_shape)
+        self._ids = torch.full((rows, self._capacity, self._id_width), -1, device=self._device,
+                               dtype=torch.int64)
+        self.rows.reset(rows)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -122,6 +179,20 @@ class ReferenceBank:
     @property
     def capacity_per_class(self) -> int:
         return self._capacity
+
+    @property
+    def num_slots(self) -> int:
+        """Maps the storage holds: rings × capacity (fixed at construction)."""
+        return self._slots
+
+    @property
+    def num_rows(self) -> int:
+        """Rings: one per class that can hold maps at a time."""
+        return self.rows.num_rows
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self._storage.is_pinned()) if self._device.type == "cpu" else False
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:
@@ -142,7 +213,8 @@ class ReferenceBank:
     @property
     def memory_bytes(self) -> int:
         """Bytes held by the buffers; fixed at construction."""
-        tensors = (self._storage, self._ids, self._counts, self._write, self._seen)
+        tensors = (self._storage, self._ids, self._counts, self._write, self._seen,
+                   self.rows.row_of)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def counts(self) -> torch.Tensor:
@@ -159,7 +231,7 @@ class ReferenceBank:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(num_classes={self._num_classes}, capacity_per_class="
-                f"{self._capacity}, feature_shape={self._feature_shape}, device={self._device}, "
+                f"{self._capacity}, num_rows={self.num_rows}, feature_shape={self._feature_shape}, device={self._device}, "
                 f"dtype={self._dtype}, stored={len(self)})")
 
     # ------------------------------------------------------------------ writing
@@ -242,8 +314,15 @@ class ReferenceBank:
         """Write the rows ``chosen`` of a batch that :meth:`add` checked (or its caller did:
         finite maps in the bank's dtype and device, labels in range, int64 ids and increasing
         ``chosen`` on the bank's device). Returns where they went: the batch rows kept, their flat
-        slots ``class * capacity + slot`` and the count written per class (advancing the ring
-        positions: with ``replace=False`` the rows left out are not counted)."""
+        slots ``row * capacity + slot`` (``row``: the class's ring) and the count written per
+        class (advancing the ring positions: with ``replace=False`` the rows left out are not
+        counted). Maps of a class that got no ring are offered (:meth:`seen`), not stored."""
+        rows = self.rows.assign(labels[chosen])
+        if self.rows.num_rows < self._num_classes:
+            placed = rows >= 0
+            if not bool(placed.all()):
+                self._seen += torch.bincount(labels[chosen][~placed], minlength=self._num_classes)
+                chosen = chosen[placed]
         if not replace:
             offered, rank = class_ranks(labels[chosen], self._num_classes)
             room = self._capacity - self._counts
@@ -253,7 +332,7 @@ class ReferenceBank:
                 return chosen, chosen.clone(), torch.zeros_like(self._counts)
         keep, slots, per_class = ring_slots(labels[chosen], self._write, self._capacity)
         kept = chosen[keep]
-        flat = labels[kept] * self._capacity + slots
+        flat = self.rows.row_of[labels[kept]] * self._capacity + slots
         copy_kept_rows(self._storage, flat, feats, kept)
         self._ids.view(-1, self._id_width)[flat] = ids[kept]
         self._write = (self._write + per_class) % self._capacity
@@ -271,10 +350,19 @@ class ReferenceBank:
             raise ValueError(f"Expected `{name}` to have shape {shape}, but got {tuple(value.shape)}.")
         return value.to(device=self._device, dtype=torch.int64)
 
-    def reset(self) -> None:
-        """Forget every stored map (the memory stays allocated)."""
+    def reset(self, capacity_per_class: Optional[int] = None) -> None:
+        """Forget every stored map (the memory stays allocated). ``capacity_per_class``: lay the
+        same storage out anew, as ``num_slots // capacity_per_class`` rings of that capacity."""
+        if capacity_per_class is not None:
+            cap = _check_positive_int(capacity_per_class, "capacity_per_class")
+            if cap > self._slots:
+                raise ValueError(f"Expected `capacity_per_class` to be at most the bank's "
+                                 f"{self._slots} slots, but got {cap}.")
+            self._capacity = cap
+            self._layout()
         self._features.zero_()
         self._ids.fill_(-1)
+        self.rows.reset()
         self._counts.zero_()
         self._write.zero_()
         self._seen.zero_()
@@ -296,8 +384,8 @@ class ReferenceBank:
             ``n`` may be 0.
         """
         cls = self._check_class(cls)
-        n = int(self._counts[cls])
-        return self._features[cls, :n].clone(), self._ids[cls, :n].clone()
+        n, row = int(self._counts[cls]), int(self.rows.row_of[cls])
+        return self._features[max(row, 0), :n].clone(), self._ids[max(row, 0), :n].clone()
 
     def gather(self, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The maps of each query's class, padded to the largest count among them.
@@ -321,8 +409,9 @@ class ReferenceBank:
         counts = self._counts[classes]
         k = int(counts.max()) if counts.numel() else 0
         valid = torch.arange(k, device=self._device)[None, :] < counts[:, None]
-        feats = self._features[classes, :k]
-        ids = self._ids[classes, :k]
+        rows = self.rows.row_of[classes].clamp(min=0)      # a class without a ring has count 0
+        feats = self._features[rows, :k]
+        ids = self._ids[rows, :k]
         feats.masked_fill_(~valid[:, :, None, None, None], 0)
         ids.masked_fill_(~valid[:, :, None], -1)
         return feats, ids, valid
@@ -355,6 +444,7 @@ class ReferenceBank:
         """The bank's content as CPU tensors plus its configuration."""
         return {
             "num_classes": self._num_classes, "capacity_per_class": self._capacity,
+            "num_slots": self._slots, "row_of": self.rows.row_of.cpu().clone(),
             "feature_shape": list(self._feature_shape), "id_width": self._id_width,
             "dtype": str(self._dtype).replace("torch.", ""),
             "features": self._features.cpu().clone(), "ids": self._ids.cpu().clone(),
@@ -372,12 +462,18 @@ class ReferenceBank:
             raise ValueError("Expected `state` to be a dict returned by `ReferenceBank.state_dict()`, "
                              f"but got {type(state).__name__} without 'features'.")
         saved = (state.get("num_classes"), state.get("capacity_per_class"),
-                 tuple(state.get("feature_shape", ())), state.get("id_width", 3))
-        mine = (self._num_classes, self._capacity, self._feature_shape, self._id_width)
+                 tuple(state.get("feature_shape", ())), state.get("id_width", 3),
+                 state.get("num_slots", self._num_classes * state.get("capacity_per_class", 0)))
+        mine = (self._num_classes, self._capacity, self._feature_shape, self._id_width, self._slots)
         if saved != mine:
             raise ValueError(f"Expected a bank state with (num_classes, capacity_per_class, "
-                             f"feature_shape, id_width) = {mine}, but got {saved}. Build the bank "
-                             "with the saved configuration or start with an empty bank.")
+                             f"feature_shape, id_width, num_slots) = {mine}, but got {saved}. "
+                             "Build the bank with the saved configuration or start with an "
+                             "empty bank.")
+        row_of = state.get("row_of")
+        if row_of is not None:
+            self.rows.row_of.copy_(row_of.to(self._device))
+            self.rows.used = int((self.rows.row_of >= 0).sum())
         self._features.copy_(state["features"].to(device=self._device, dtype=self._dtype))
         self._ids.copy_(state["ids"].to(device=self._device, dtype=torch.int64))
         self._counts.copy_(state["counts"].to(self._device))

@@ -28,6 +28,12 @@ class SearchConfig:
         max_edits: most region edits per query (for ``greedy_search``: see its ``max_cells``).
         minimality: drop edits that the flip does not need after the search.
         chunk_size: most feature maps per head call.
+        search_memory_mb: the search's own peak memory on its device, in MB (``None``: not
+            planned; ``chunk_size`` alone bounds the head calls). The queries are searched in
+            groups, and the head called in chunks, sized from the feature map, the references
+            per query and the head's activation memory
+            (:func:`~fgvce_lightning.engine.memory.plan_search`) so that the search's buffers
+            stay within it.
         seed: seed of the engine's own generator (the global RNG is never used).
         num_classes: number of classes of the head (default: the bank's).
         region_threshold: ``threshold`` of :func:`grow_regions`, in ``[0, 1]``.
@@ -61,6 +67,7 @@ class SearchConfig:
     max_edits: int = 8
     minimality: bool = True
     chunk_size: int = 1024
+    search_memory_mb: Optional[float] = 1024.0
     seed: int = 0
     num_classes: Optional[int] = None
     region_threshold: float = 0.5
@@ -80,6 +87,11 @@ class SearchConfig:
         if not _is_int(self.protected_channels) or self.protected_channels < 0:
             raise ValueError(f"Expected `protected_channels` to be a non-negative integer, but got "
                              f"{self.protected_channels!r}.")
+        budget = self.search_memory_mb
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not math.isfinite(budget) or budget <= 0):
+            raise ValueError(f"Expected `search_memory_mb` to be a positive, finite number of MB "
+                             f"or None, but got {budget!r}.")
         if self.window % 2 == 0:
             raise ValueError(f"Expected `window` to be odd (a k×k window centred on the cell), but "
                              f"got {self.window}.")

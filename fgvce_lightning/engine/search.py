@@ -30,6 +30,7 @@ Loops run over steps only; every step is one batched (chunked) head call for all
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -41,6 +42,7 @@ from .config import METHOD_NAMES, REGION_ORDERS, SearchConfig
 from .contributions import local_shapley
 from .correspondence import align_references
 from .gradients import gradcam_scores
+from .memory import plan_search
 from .partition import grow_regions
 from .queries import QueryBatch, evaluate_variants, modules_of, prepare_queries
 from .refine import minimality_pass, region_nonempty, replay, trim_pass
@@ -92,15 +94,38 @@ def counterfactual_search(head: Head, queries: torch.Tensor, true: torch.Tensor,
     device = queries.device if isinstance(queries, torch.Tensor) else torch.device("cpu")
     with preserved_training_flags(*modules_of(head, modules)), preserved_rng_state([device]), \
             torch.no_grad():
-        batch = prepare_queries(head, queries, true, pred, bank, config,
-                         METHOD_NAMES[config.region_order])
-        if batch.index.numel() == 0:
-            return batch.results
+        plan = None
+        if config.search_memory_mb is not None and isinstance(queries, torch.Tensor) \
+                and queries.dim() == 4 and isinstance(true, torch.Tensor) \
+                and tuple(queries.shape[1:]) == bank.feature_shape:
+            plan = plan_search(head, queries, true, bank, config)
+            config = dataclasses.replace(config, chunk_size=plan.chunk)
         if generator is None:
             generator = torch.Generator(device=device)
             generator.manual_seed(config.seed)
-        parts = _part_labels(batch, query_parts, reference_parts)
-        return _search(head, batch, config, generator, parts)
+        if plan is None or plan.group >= queries.shape[0]:
+            return _prepare_and_search(head, queries, true, pred, bank, config, generator,
+                                       query_parts, reference_parts)
+        out: list[Explanation] = []       # groups of queries: the budget bounds the buffers
+        for start in range(0, queries.shape[0], plan.group):
+            rows = slice(start, start + plan.group)
+            part = _prepare_and_search(head, queries[rows], true[rows], pred[rows], bank, config,
+                                       generator, None if query_parts is None else
+                                       query_parts[rows], reference_parts)
+            out += [dataclasses.replace(e, query_index=e.query_index + start) for e in part]
+        return out
+
+
+def _prepare_and_search(head: Head, queries: torch.Tensor, true: torch.Tensor,
+                        pred: torch.Tensor, bank: ReferenceBank, config: SearchConfig,
+                        generator: torch.Generator, query_parts: Optional[torch.Tensor],
+                        reference_parts: Optional["PartLookup"]) -> list[Explanation]:
+    batch = prepare_queries(head, queries, true, pred, bank, config,
+                            METHOD_NAMES[config.region_order])
+    if batch.index.numel() == 0:
+        return batch.results
+    parts = _part_labels(batch, query_parts, reference_parts)
+    return _search(head, batch, config, generator, parts)
 
 
 

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from ..engine._util import copy_kept_rows, copy_rows
-from ..engine.bank import ring_slots
+from ..engine.bank import RowTable, ring_slots
 
 __all__ = ["MistakeBuffer", "ReferenceExtras"]
 
@@ -120,27 +120,45 @@ class MistakeBuffer:
 class ReferenceExtras:
     """Per-class ring buffers of per-sample extras (thumbnails, annotations) keyed by sample id.
 
-    It mirrors the :class:`~fgvce_lightning.engine.bank.ReferenceBank` (same capacity per class;
-    :meth:`put` writes where the bank placed the maps, :meth:`add` places like the bank's ring
-    buffers) so the extras of any reference the search used can be found by id.
+    It mirrors the :class:`~fgvce_lightning.engine.bank.ReferenceBank` (same capacity per class,
+    same rings: pass the bank's ``rows``; :meth:`put` writes where the bank placed the maps,
+    :meth:`add` places like the bank's ring buffers) so the extras of any reference the search
+    used can be found by id.
 
     Args:
         num_classes: number of classes.
         capacity_per_class: entries kept per class.
         id_width: length of a sample id.
+        rows: the bank's :class:`~fgvce_lightning.engine.bank.RowTable` (default: one ring per
+            class, of its own).
     """
 
-    def __init__(self, num_classes: int, capacity_per_class: int, id_width: int = 3) -> None:
+    def __init__(self, num_classes: int, capacity_per_class: int, id_width: int = 3,
+                 rows: Optional[RowTable] = None) -> None:
         self.num_classes = int(num_classes)
         self.capacity = int(capacity_per_class)
-        self.ids = torch.full((self.num_classes, self.capacity, id_width), -1, dtype=torch.long)
+        self.rows = rows if rows is not None else RowTable(num_classes, num_classes,
+                                                           torch.device("cpu"))
+        self.slots = self.rows.num_rows * self.capacity
+        self.ids = torch.full((self.rows.num_rows, self.capacity, id_width), -1, dtype=torch.long)
         self.count = torch.zeros(self.num_classes, dtype=torch.long)
         self._store: dict[str, torch.Tensor] = {}
 
-    def reset(self) -> None:
-        """Forget all entries (storage kept)."""
+    def reset(self, capacity_per_class: Optional[int] = None) -> None:
+        """Forget all entries (storage kept); ``capacity_per_class``: the bank's new capacity
+        (call after the bank's :meth:`~fgvce_lightning.engine.bank.ReferenceBank.reset`)."""
+        if capacity_per_class is not None and int(capacity_per_class) != self.capacity:
+            self.capacity = int(capacity_per_class)
+            self.ids = torch.full((self.slots // self.capacity, self.capacity, self.ids.shape[-1]),
+                                  -1, dtype=torch.long)
+        if self.rows.num_rows != self.ids.shape[0]:
+            self.rows.reset(self.ids.shape[0])    # (an own table; the bank resets a shared one)
         self.ids.fill_(-1)
         self.count.zero_()
+
+    def _row_of(self, classes: torch.Tensor) -> torch.Tensor:
+        """The rings of ``classes`` (CPU; ``-1``: none)."""
+        return self.rows.row_of.cpu()[classes]
 
     def add(self, labels: torch.Tensor, ids: torch.Tensor, rows: Optional[torch.Tensor] = None,
             **tensors: torch.Tensor) -> None:
@@ -157,14 +175,18 @@ class ReferenceExtras:
         if chosen.numel() == 0:
             return
         # the same ring-buffer placement as the ReferenceBank, so both keep the same samples
+        if self.rows.row_of.device.type == "cpu":      # an own table: hand out the rings here
+            placed = self.rows.assign(labels[chosen]) >= 0
+            chosen = chosen[placed]
         keep, slot_in_class, per_class = ring_slots(labels[chosen], self.count % self.capacity,
                                                     self.capacity)
         kept = chosen[keep]
-        self.put(kept, labels[kept] * self.capacity + slot_in_class, per_class, ids, **tensors)
+        self.put(kept, self._row_of(labels[kept]) * self.capacity + slot_in_class, per_class,
+                 ids, **tensors)
 
     def put(self, kept: torch.Tensor, slots: torch.Tensor, per_class: torch.Tensor,
             ids: torch.Tensor, **tensors: torch.Tensor) -> None:
-        """Write the batch rows ``kept`` (increasing) to the flat slots ``class * capacity +
+        """Write the batch rows ``kept`` (increasing) to the flat slots ``row * capacity +
         slot`` that the bank placed them in (:meth:`ReferenceBank._insert
         <fgvce_lightning.engine.bank.ReferenceBank._insert>` returns both, and ``per_class``, the
         count offered per class), so the two need not place them twice."""
@@ -174,16 +196,16 @@ class ReferenceExtras:
         for name, value in tensors.items():
             store = self._store.get(name)
             if store is None or store.shape[1:] != value.shape[1:]:        # (+ the spare row)
-                store = torch.zeros((self.num_classes * self.capacity + 1, *value.shape[1:]),
-                                    dtype=value.dtype)
+                store = torch.zeros((self.slots + 1, *value.shape[1:]), dtype=value.dtype)
                 self._store[name] = store
             copy_kept_rows(store, slots, value.detach().cpu(), kept)
 
     def _rings(self, name: str) -> Optional[torch.Tensor]:
-        """The stored extras ``name`` as ``(num_classes, capacity, ...)`` (without the spare row)."""
+        """The stored extras ``name`` as ``(rings, capacity, ...)`` (without the spare row)."""
         store = self._store.get(name)
-        return None if store is None else store[:-1].view(self.num_classes, self.capacity,
-                                                           *store.shape[1:])
+        rings = self.ids.shape[0]
+        return None if store is None else store[:rings * self.capacity].view(
+            rings, self.capacity, *store.shape[1:])
 
     def lookup(self, name: str, classes: torch.Tensor, ids: torch.Tensor) -> list[Optional[torch.Tensor]]:
         """The extras ``name`` of the samples ``ids (M, id_width)`` of ``classes (M,)`` (``None`` if gone)."""
@@ -192,7 +214,9 @@ class ReferenceExtras:
             return [None] * int(classes.numel())
         classes, ids = classes.long().cpu(), ids.long().cpu()
         valid = (classes >= 0) & (classes < self.num_classes)
-        safe = classes.clamp(0, self.num_classes - 1)
+        rows = self._row_of(classes.clamp(0, self.num_classes - 1))
+        valid &= rows >= 0
+        safe = rows.clamp(min=0)
         match = (self.ids[safe] == ids[:, None, :]).all(-1) & valid[:, None]  # (M, cap)
         found, slot = match.any(1), match.float().argmax(1)
         rows = store[safe, slot]
@@ -205,9 +229,11 @@ class ReferenceExtras:
         them) and ``(n,)`` bool: where their ids are ``ids (n, id_width)``. One comparison, no
         search by id."""
         store = self._rings(name)
-        n = int(ids.shape[0])
-        found = (self.ids[int(cls), :n] == ids.long().cpu()).all(-1)
-        return (None if store is None else store[int(cls), :n]), found
+        n, row = int(ids.shape[0]), int(self._row_of(torch.tensor([int(cls)]))[0])
+        if row < 0:
+            return (None if store is None else store[0, :0]), torch.zeros(0, dtype=torch.bool)
+        found = (self.ids[row, :n] == ids.long().cpu()).all(-1)
+        return (None if store is None else store[row, :n]), found
 
     def lookup_id(self, name: str, key: tuple) -> Optional[torch.Tensor]:
         """The extras ``name`` of the sample with id ``key`` (any class), or ``None`` if gone."""
@@ -217,7 +243,7 @@ class ReferenceExtras:
         key_t = torch.as_tensor(tuple(key), dtype=torch.long)
         if key_t.shape != self.ids.shape[-1:]:
             return None
-        match = (self.ids == key_t).all(-1)   # (num_classes, capacity)
+        match = (self.ids == key_t).all(-1)   # (rings, capacity)
         hits = match.nonzero()
         if hits.shape[0] == 0:
             return None

@@ -105,7 +105,8 @@ def build_stores(config: MonitorConfig, search: SearchConfig, parsed: ParsedBatc
         plan_stores(**sizes)
         return None
     return Stores.build(**sizes, input_size=tuple(parsed.images.shape[-2:]), device=device,
-                        feature_dtype=feats.dtype, part_source=source, seed=config.seed)
+                        feature_dtype=feats.dtype, part_source=source, seed=config.seed,
+                        bank_device=torch.device("cpu") if config.bank_device == "host" else None)
 
 
 def first_loader(loaders: Any) -> Any:

@@ -26,6 +26,10 @@ STRATEGIES = ("fgvce", "greedy")
 PART_SOURCES = ("auto", "keypoints", "masks", "prototypes", "none")
 BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 HEAD_PRECISIONS = ("model", "float32")
+BANK_DEVICES = ("host", "model")
+#: the stores' default budget: a 200-class ResNet-50 keeps 36 float32 references per class at
+#: 224 px (2048×7×7 maps) and 9 at 448 px (2048×14×14), in host memory (benchmarks/bench_scale.py)
+DEFAULT_MEMORY_BUDGET_MB = 3072.0
 
 
 @dataclass(frozen=True)
@@ -149,9 +153,10 @@ class MonitorConfig:
     every_n_epochs: int = 1
     max_samples: int = 64
     time_budget_s: Optional[float] = None
-    memory_budget_mb: float = 512.0
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB
     max_references_per_class: Optional[int] = 64
     bank_dtype: Any = "float32"
+    bank_device: str = "host"
     thumbnail_size: int = 64
     report_dir: Optional[Any] = None
     report_html: bool = True
@@ -212,6 +217,7 @@ class MonitorConfig:
             raise ValueError(f"Expected `background` to be 'auto', True or False, but got "
                              f"{self.background!r}.")
         _choice(self.head_precision, "head_precision", HEAD_PRECISIONS)
+        _choice(self.bank_device, "bank_device", BANK_DEVICES)
         put("part_names", _names(self.part_names, "part_names"))
         put("class_names", _names(self.class_names, "class_names"))
         if self.part_names is not None and self.part_source == "prototypes" \

@@ -206,6 +206,8 @@ class Session:
         for collector in self.collectors.values():
             collector.release()
             collector.drain(timeout)
+        if self.worker is not None:        # no thread of ours outlives the run
+            self.worker.close(timeout)
 
     @property
     def memory_bytes(self) -> int:

@@ -33,14 +33,17 @@ class StorePlan:
     """How a memory budget is shared (:func:`plan_stores`).
 
     Attributes:
-        capacity: references kept per class.
+        capacity: references kept per class while every class may occur (the first epoch).
         pending_bytes: bytes of one set of waiting batches.
         spare_bytes: what the bank and the two sets' buffers leave of the budget.
+        slots: references the bank holds in all: ``capacity`` for every class at first, shared
+            by the classes that occur from the next epoch on (:meth:`Stores.reset`).
     """
 
     capacity: int
     pending_bytes: int
     spare_bytes: int
+    slots: int = 0
 
 
 def plan_stores(*, num_classes: int, feature_shape: tuple[int, int, int], dtype: torch.dtype,
@@ -94,10 +97,13 @@ def plan_stores(*, num_classes: int, feature_shape: tuple[int, int, int], dtype:
             + "; ".join(p[1] for p in parts) + f"), but got {budget_bytes / _MB:.1f} MB. Raise "
             "`memory_budget_mb`, or " + ", or ".join(p[2] for p in parts)
             + f" (`thumbnail_size` also counts: {extras} bytes a sample).")
+    slots = (budget_bytes - fixed) // per_reference
     if max_per_class is not None:
         capacity = min(capacity, max_per_class)
-    spare = budget_bytes - fixed - capacity * num_classes * per_reference
-    return StorePlan(int(capacity), int(pending), int(spare))
+        slots = min(slots, num_classes * max_per_class)
+    slots = slots // capacity * capacity                  # whole rings
+    spare = budget_bytes - fixed - slots * per_reference
+    return StorePlan(int(capacity), int(pending), int(spare), int(slots))
 
 
 @dataclass
@@ -114,6 +120,8 @@ class Stores:
     thumbnail_size: int
     pending_bytes: int = 0     # batches are stored together until they hold this much
     spare_bytes: int = 0       # of the budget, left over by the bank and the two sets' buffers
+    max_per_class: Optional[int] = None
+    occurred: Optional[torch.Tensor] = None    # (num_classes,) bool: offered to the bank so far
 
     @classmethod
     def build(cls, *, num_classes: int, feature_shape: tuple[int, int, int],
@@ -121,26 +129,44 @@ class Stores:
               feature_dtype: torch.dtype, mistakes: int, budget_bytes: int,
               max_per_class: Optional[int], thumbnail_size: int, part_source: str,
               num_annotated: int, seed: int, batch_bytes: int = 0, batch_size: int = 0,
-              pending_max_bytes: Optional[int] = None) -> "Stores":
+              pending_max_bytes: Optional[int] = None, bank_device: Optional[torch.device] = None
+              ) -> "Stores":
         """Allocate stores sized by :func:`plan_stores` (same arguments; ``device`` and
-        ``feature_dtype`` are where the maps live and the dtype the head takes them in)."""
+        ``feature_dtype`` are where the maps live and the dtype the head takes them in;
+        ``bank_device``: where the bank lives instead, pinned host memory for ``"cpu"``)."""
         plan = plan_stores(num_classes=num_classes, feature_shape=feature_shape, dtype=dtype,
                            mistakes=mistakes, budget_bytes=budget_bytes,
                            max_per_class=max_per_class, thumbnail_size=thumbnail_size,
                            num_annotated=num_annotated, batch_bytes=batch_bytes,
                            batch_size=batch_size, pending_max_bytes=pending_max_bytes)
-        return cls(bank=ReferenceBank(num_classes, plan.capacity, tuple(feature_shape),
-                                      device=device, dtype=dtype),
-                   extras=ReferenceExtras(num_classes, plan.capacity),
+        bank = ReferenceBank(num_classes, plan.capacity, tuple(feature_shape),
+                             device=device if bank_device is None else bank_device, dtype=dtype,
+                             num_rows=plan.slots // plan.capacity, pin_memory=True)
+        return cls(bank=bank, extras=ReferenceExtras(num_classes, plan.capacity, rows=bank.rows),
                    mistakes=MistakeBuffer(mistakes, seed=seed), input_size=tuple(input_size),
                    feature_dtype=feature_dtype, part_source=part_source,
                    num_annotated=num_annotated, thumbnail_size=thumbnail_size,
-                   pending_bytes=plan.pending_bytes, spare_bytes=plan.spare_bytes)
+                   pending_bytes=plan.pending_bytes, spare_bytes=plan.spare_bytes,
+                   max_per_class=max_per_class,
+                   occurred=torch.zeros(num_classes, dtype=torch.bool))
 
     def reset(self, reseed: int = 0) -> None:
-        """Start a new epoch: empty the bank, the extras and the reservoir (memory kept)."""
-        self.bank.reset()
-        self.extras.reset()
+        """Start a new epoch: empty the bank, the extras and the reservoir (memory kept). The
+        bank's slots go to the classes that have occurred in the epochs so far (offered to the
+        bank at least once): ``slots // occurred`` references each, at most ``max_per_class``
+        (the validation set's classes rarely change; a class that occurs for the first time
+        gets a ring while free ones are left, and counts from the next epoch on)."""
+        cap = None
+        if self.occurred is not None:
+            self.occurred |= self.bank.seen().cpu() > 0
+            occurred = int(self.occurred.sum())
+            if occurred:
+                cap = self.bank.num_slots // occurred
+                if self.max_per_class is not None:
+                    cap = min(cap, self.max_per_class)
+                cap = max(1, cap)
+        self.bank.reset(cap)
+        self.extras.reset(self.bank.capacity_per_class)
         self.mistakes.reset(reseed)
 
     def check_shapes(self, feats: torch.Tensor, logits: torch.Tensor,

@@ -275,6 +275,7 @@ class SerialWorker:
         self._unfinished = 0
         self._cond = threading.Condition()
         self._thread: Optional[threading.Thread] = None
+        self._closing = False
 
     def submit(self, fn: Callable[[], Any]) -> None:
         """Queue ``fn()`` (after every earlier task); wait while ``max_pending`` are unfinished."""
@@ -286,6 +287,7 @@ class SerialWorker:
                 self._cond.wait()
             self._tasks.append((fn, stream))
             self._unfinished += 1
+            self._closing = False
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
                 self._thread.start()
@@ -294,8 +296,10 @@ class SerialWorker:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._tasks:
+                while not self._tasks and not self._closing:
                     self._cond.wait()
+                if not self._tasks:          # closed with nothing left to run: the thread ends
+                    return
                 fn, stream = self._tasks.popleft()
             try:
                 with short_gil_turns(self._interval):
@@ -310,6 +314,18 @@ class SerialWorker:
                 with self._cond:
                     self._unfinished -= 1
                     self._cond.notify_all()
+
+    def close(self, timeout: Optional[float] = None) -> bool:
+        """Let the thread finish the submitted tasks and end (at most ``timeout`` s); ``True``
+        if it has ended. A later :meth:`submit` starts a new thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
 
     @property
     def pending(self) -> int:

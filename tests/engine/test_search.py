@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -90,8 +92,15 @@ def test_finds_exactly_the_minimal_cells_of_an_additive_head():
     assert res.p_true_before < res.edits[0].p_true_after < res.edits[1].p_true_after
     assert res.edits[1].p_true_after > res.edits[1].p_pred_after
     assert res.p_pred_before > res.edits[0].p_pred_after > res.edits[1].p_pred_after
-    # every map the head saw is accounted for
-    assert res.head_evaluations == head.seen
+    # every map the head saw is accounted for, but for the memory plan's one probe of the
+    # head's activations (once per head and map shape: a second search does not probe again)
+    assert res.head_evaluations == head.seen - 1
+    seen = head.seen
+    (again,) = counterfactual_search(head, q, t, p, bank, CFG)
+    assert head.seen - seen == again.head_evaluations == res.head_evaluations
+    (unplanned,) = counterfactual_search(CellLinearHead(), q, t, p, bank,
+                                         dataclasses.replace(CFG, search_memory_mb=None))
+    assert unplanned.edits == res.edits
 
 
 def test_minimality_pass_drops_the_unneeded_edit():

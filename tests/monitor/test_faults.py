@@ -317,3 +317,18 @@ def test_each_switch_changes_where_the_work_happens(tmp_path, monkeypatch):
     assert monitor._session.worker is None
     monitor, _ = run("thread")
     assert monitor._session.worker is not None
+    # the collection thread ends with the run: no thread of ours is left when fit returns
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("fgvce")]
+
+
+def test_serial_worker_close_runs_what_was_submitted_then_ends_the_thread():
+    from fgvce_lightning.monitor.threads import SerialWorker
+    worker, done, gate = SerialWorker(max_pending=2), [], threading.Event()
+    worker.submit(gate.wait)
+    worker.submit(lambda: done.append(1))
+    assert not worker.close(timeout=0.05)          # still busy: says so rather than hanging
+    gate.set()
+    assert worker.close(timeout=5) and done == [1]
+    worker.submit(lambda: done.append(2))          # a later task starts a new thread
+    assert worker.drain(5) and done == [1, 2]
+    assert worker.close(timeout=5)
