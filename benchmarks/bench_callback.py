@@ -356,6 +356,7 @@ def validate_benchmark(args, model, val, root: str, device: str) -> dict:
     logger = TensorBoardLogger(root, name="tb")
     trainer = L.Trainer(logger=logger, callbacks=[clock, monitor, stop], **common)
     base, collect, total, explain, held, rss, gpu, on_loop = [], [], [], [], [], [], [], []
+    searched, pieces = [], []
     batch_hooks = ("on_validation_batch_start", "on_validation_batch_end")
     hook_s = _time_hooks(monitor, batch_hooks)
     if device == "cuda":
@@ -371,6 +372,8 @@ def validate_benchmark(args, model, val, root: str, device: str) -> dict:
         total.append(stop.end - clock.start)
         explain.append(stop.end - clock.collected)
         held.append(monitor.memory_bytes)
+        searched.append(monitor.last_result.elapsed_s)
+        pieces.append(dict(monitor._session.publisher.timings))
         rss.append(_rss_mb())
         if device == "cuda":
             gpu.append(torch.cuda.max_memory_allocated() / 2 ** 20)
@@ -409,6 +412,13 @@ def validate_benchmark(args, model, val, root: str, device: str) -> dict:
     print(f"the monitor's batch hooks on the validation loop (capture; the bookkeeping where it "
           f"runs inline): {numbers['batch_hooks_s'] * 1e3:.1f} ms per epoch, "
           f"{numbers['batch_hooks_s'] * 1e3 / len(val):.2f} ms per batch (median)")
+    names = sorted({k for p in pieces for k in p})
+    publishing = {k: med([p.get(k, 0.0) for p in pieces]) for k in names}
+    numbers["search_s"], numbers["publish_s"] = med(searched), publishing
+    print(f"the explanation's epoch end, median: search {med(searched):.3f} s; publishing "
+          + ", ".join(f"{k} {v:.3f} s" for k, v in publishing.items())
+          + f" (together {sum(publishing.values()):.3f} s, "
+          f"{sum(publishing.values()) / max(med(searched), 1e-9):.2f}x the search)")
     print(f"memory held by the monitor: {held[0] / 2 ** 20:.2f} MB → {held[-1] / 2 ** 20:.2f} MB; "
           f"RSS epoch 1 → {args.epochs - 1}: {numbers['rss_mb_second_last'][0]:.1f} → "
           f"{numbers['rss_mb_second_last'][1]:.1f} MB")

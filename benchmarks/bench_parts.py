@@ -27,6 +27,7 @@ closing table gives the distinguishing-part hit rates of every seed side by side
 from __future__ import annotations
 
 import argparse
+import ast
 import tempfile
 import time
 
@@ -37,8 +38,9 @@ from fgvce_lightning.datasets import PART_NAMES, SyntheticBirds
 from fgvce_lightning.demo import train_demo
 from fgvce_lightning.engine import split_model
 from fgvce_lightning.engine._util import preserved_training_flags
-from fgvce_lightning.evaluate import (cell_majority_parts, evaluate_model, format_table,
-                                      prototype_purity)
+from fgvce_lightning.engine.config import SearchConfig
+from fgvce_lightning.evaluate import (STRATEGIES, cell_majority_parts, evaluate_model,
+                                      format_table, prototype_purity)
 from fgvce_lightning.parts import PartPrototypes
 
 
@@ -54,7 +56,20 @@ def parse_args() -> argparse.Namespace:
                         help="number of discovered prototypes (default: parts + background)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="one trained model (and data set) per seed")
+    parser.add_argument("--search", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="SearchConfig fields, e.g. num_samples=1 window=5")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                        help=f"comma-separated subset of {','.join(STRATEGIES)}")
     return parser.parse_args()
+
+
+def search_config(args: argparse.Namespace, seed: int) -> SearchConfig:
+    """``SearchConfig(seed=seed)`` with the ``--search`` fields (Python literals)."""
+    fields = {}
+    for item in args.search:
+        name, _, value = item.partition("=")
+        fields[name] = ast.literal_eval(value)
+    return SearchConfig(seed=seed, **fields)
 
 
 @torch.no_grad()
@@ -115,7 +130,9 @@ def run_seed(args: argparse.Namespace, seed: int):
     val = SyntheticBirds(args.num_val, num_classes=8, seed=seed, split="val")
     loader = DataLoader(val, batch_size=16, shuffle=False)
     result = evaluate_model(module, loader, max_queries=args.max_queries,
-                            bank_per_class=args.bank_per_class, seed=seed)
+                            bank_per_class=args.bank_per_class, seed=seed,
+                            config=search_config(args, seed),
+                            strategies=tuple(args.strategies.split(",")))
     print(format_table(result))
     print(f"\n(evaluation {time.perf_counter() - trained:.0f} s)")
 

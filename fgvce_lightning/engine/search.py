@@ -106,8 +106,14 @@ def counterfactual_search(head: Head, queries: torch.Tensor, true: torch.Tensor,
         if plan is None or plan.group >= queries.shape[0]:
             return _prepare_and_search(head, queries, true, pred, bank, config, generator,
                                        query_parts, reference_parts)
-        out: list[Explanation] = []       # groups of queries: the budget bounds the buffers
+        # groups of queries: the budget bounds the buffers. Every group starts from the same
+        # generator state, so it draws what the whole batch would have drawn (the random orders
+        # are shared by the queries of a batch): a query's explanation does not depend on the
+        # group it falls in
+        out: list[Explanation] = []
+        state = generator.get_state()
         for start in range(0, queries.shape[0], plan.group):
+            generator.set_state(state)
             rows = slice(start, start + plan.group)
             part = _prepare_and_search(head, queries[rows], true[rows], pred[rows], bank, config,
                                        generator, None if query_parts is None else

@@ -63,7 +63,7 @@ class CounterfactualMonitor(Callback):
             it, at most 32 MiB each, at least one batch), shared equally by the dataloaders. The
             per-class bank size follows from it, capped at ``max_references_per_class``; from
             the second epoch on the bank's slots go to the classes that occurred. The default,
-            3072, keeps 36 references per class of a 200-class ResNet-50 at 224 px (9 at 448).
+            3072, keeps 36 references per class of a 200-class ResNet-50 at 224 px (8 at 448).
         bank_device: ``"host"`` (default): the bank lives in host memory (pinned when training
             on a GPU), the search copies only its queries' true classes to the device;
             ``"model"``: on the model's device (no copies, but GPU memory).

@@ -28,7 +28,7 @@ BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 HEAD_PRECISIONS = ("model", "float32")
 BANK_DEVICES = ("host", "model")
 #: the stores' default budget: a 200-class ResNet-50 keeps 36 float32 references per class at
-#: 224 px (2048×7×7 maps) and 9 at 448 px (2048×14×14), in host memory (benchmarks/bench_scale.py)
+#: 224 px (2048×7×7 maps) and 8 at 448 px (2048×14×14), in host memory (benchmarks/bench_scale.py)
 DEFAULT_MEMORY_BUDGET_MB = 3072.0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -81,6 +82,14 @@ class Publisher:
         self.html = html
         self.failures: list[str] = []        # writing failures, for the next report and the count
         self._reporters: dict[tuple, Any] = {}
+        #: seconds each piece of the last run's publishing took (all dataloaders together):
+        #: ``report.json``, ``tensorboard`` (sample panels, figures, text), ``strips`` (the part
+        #: strips), ``report.html``
+        self.timings: dict[str, float] = {}
+        self._run_key: Any = None
+
+    def _timed(self, piece: str, start: float) -> None:
+        self.timings[piece] = self.timings.get(piece, 0.0) + time.perf_counter() - start
 
     def publish(self, result: EpochResult, run: RunInfo, ctx: ExplainContext,
                 collector: Optional[Collector], deadline: Deadline,
@@ -91,18 +100,25 @@ class Publisher:
         from ..reporting.export import write_epoch_report
 
         name = run.report_name(result.dataloader_idx)
+        key = (run.stage, run.current_epoch, run.global_step)
+        if key != self._run_key:
+            self._run_key, self.timings = key, {}
+        start = time.perf_counter()
         try:
             path = write_epoch_report(result, self.root, html=False, name=name)
         except Exception as err:  # noqa: BLE001
             self._failed(f"writing the report {name} to {self.root}", err)
             return result, None
+        self._timed("report.json", start)
         notes = list(result.notes)
         self._panels(result, run, ctx, collector if strips else None, deadline, notes)
         if self.html:
             if deadline.expired():
                 notes.append(f"report.html not written: {deadline.why()}")
             else:
+                start = time.perf_counter()
                 self._write_html(result, path)
+                self._timed("report.html", start)
         if len(notes) > len(result.notes):
             result = dataclasses.replace(result, notes=tuple(notes))
             self._rewrite_json(result, path)
@@ -130,14 +146,18 @@ class Publisher:
                     reporter = TensorBoardReporter(logger.experiment, prefix=prefix,
                                                    max_images=self.log_images)
                     self._reporters[key] = reporter
+                start = time.perf_counter()
                 drawn = reporter.log_epoch(result, int(result.global_step), scalars=False,
                                            should_stop=deadline.expired)
+                self._timed("tensorboard", start)
                 shown = min(self.log_images, sum(not s.explanation.skipped for s in result.samples))
                 if drawn < shown:
                     notes.append(f"{drawn} of {shown} sample panels drawn to TensorBoard: "
                                  f"{deadline.why()}")
                 if collector is not None:
+                    start = time.perf_counter()
                     self._strips(ctx, collector, logger.experiment, result, prefix, deadline, notes)
+                    self._timed("strips", start)
             except Exception as err:  # noqa: BLE001
                 _warn(f"logging to {type(logger).__name__} failed: {type(err).__name__}: {err}")
 

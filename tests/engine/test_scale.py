@@ -160,3 +160,22 @@ def test_grouped_search_explains_each_query_as_the_whole_batch_does():
     assert all(e.success for e in whole) and \
         [e.head_evaluations for e in one_by_one] == [e.head_evaluations for e in whole]
     assert dataclasses.replace(SearchConfig(), search_memory_mb=None).search_memory_mb is None
+
+
+def test_grouped_search_of_a_non_additive_head_matches_the_whole_batch():
+    head = _ConvHead(8, 5).eval()
+    gen = torch.Generator().manual_seed(3)
+    bank = ReferenceBank(5, 8, (8, 5, 5))
+    bank.add(torch.randn(40, 8, 5, 5, generator=gen), torch.arange(5).repeat(8))
+    q = torch.randn(7, 8, 5, 5, generator=gen)
+    with torch.no_grad():
+        pred = head(q).argmax(1)
+    true = (pred + 1) % 5
+    whole = counterfactual_search(head, q, true, pred, bank, SearchConfig(search_memory_mb=None))
+    plan = plan_search(head, q, true, bank, SearchConfig(search_memory_mb=0.6))
+    assert 1 < plan.group < 7                                  # several groups
+    grouped = counterfactual_search(head, q, true, pred, bank, SearchConfig(search_memory_mb=0.6))
+    assert [e.query_index for e in grouped] == list(range(7))
+    for a, b in zip(whole, grouped):
+        assert a.edits == b.edits and a.success == b.success
+        assert torch.allclose(a.contributions, b.contributions)
