@@ -92,7 +92,8 @@ def test_every_cpu_precision_explains_and_flips(tmp_path, precision, head_precis
 def test_every_gpu_precision_explains_and_flips(tmp_path, precision, head_precision):
     monitor = _precision_run(tmp_path, precision, head_precision, "gpu")
     _assert_explained_and_flipped(monitor, tmp_path / "r", precision, head_precision)
-    assert monitor._session.collectors[0].stores.bank.device.type == "cuda"
+    bank = monitor._session.collectors[0].stores.bank
+    assert bank.device.type == "cpu" and bank.pinned     # the default: pinned host memory
 
 
 # ---------------------------------------------------------------------------- a bad batch
