@@ -224,13 +224,16 @@ def test_trainer_validate_under_inference_mode(tmp_path, monkeypatch, threaded):
     _, val = loaders()
     model = TinyClassifier()
     monitor = _monitor(max_samples=4, report_dir=tmp_path / "r")
-    _trainer(tmp_path, [monitor], inference_mode=True).validate(model, val)
-    assert (monitor._session.worker is not None) == threaded
-    result = monitor.last_result
-    assert result.stats.num_misclassified > 0 and result.stats.num_explained > 0
-    assert not result.failures
-    assert _no_forward_hooks(model)
-    assert list(_reports(tmp_path / "r")) == ["epoch_000"]
+    trainer = _trainer(tmp_path, [monitor], inference_mode=True)
+    for run in range(2):               # the second run's stores are re-planned in inference mode
+        trainer.validate(model, val)
+        assert (monitor._session.worker is not None) == threaded
+        result = monitor.last_result
+        assert result.stats.num_misclassified > 0 and result.stats.num_explained > 0, run
+        assert not result.failures
+        assert _no_forward_hooks(model)
+    assert len(monitor.summaries) == 2 and monitor.summaries[0]["num_explained"] == \
+        monitor.summaries[1]["num_explained"]
 
 
 def test_keypoint_batches_give_named_annotated_parts(tmp_path):

@@ -156,6 +156,10 @@ class Stores:
         bank at least once): ``slots // occurred`` references each, at most ``max_per_class``
         (the validation set's classes rarely change; a class that occurs for the first time
         gets a ring while free ones are left, and counts from the next epoch on)."""
+        with torch.inference_mode(False):    # (called in the validation loop's inference mode:
+            self._reset(reseed)               # new buffers must be normal tensors, stored into later)
+
+    def _reset(self, reseed: int) -> None:
         cap = None
         if self.occurred is not None:
             self.occurred |= self.bank.seen().cpu() > 0
@@ -165,7 +169,7 @@ class Stores:
                 if self.max_per_class is not None:
                     cap = min(cap, self.max_per_class)
                 cap = max(1, cap)
-        self.bank.reset(cap)
+        self.bank.reset(None if cap == self.bank.capacity_per_class else cap)
         self.extras.reset(self.bank.capacity_per_class)
         self.mistakes.reset(reseed)
 
