@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from ..engine._util import copy_kept_rows, copy_rows
-from ..engine.bank import RowTable, ring_slots
+from ..engine.rings import RowTable, ring_slots
 
 __all__ = ["MistakeBuffer", "ReferenceExtras"]
 
