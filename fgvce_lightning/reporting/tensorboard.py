@@ -202,13 +202,10 @@ class TensorBoardReporter:
         panels = sample_panels(result.samples[index], result.feature_grid, size=self.panel_size)
         if not panels:
             return
-        w, p = self.writer, self.prefix
+        # one image per sample, its panels side by side (each panel also as an image of its own
+        # cost four more PNG encodings per sample: 0.37 of the 1.10 s of an 8-sample epoch)
         grid = make_grid(list(panels.values()), nrow=len(panels), padding=2, pad_value=255)
-        w.add_image(f"{p}/samples/{slot}", grid, step, dataformats="CHW")
-        for kind, name in (("query", "query"), ("contributions", "contributions"),
-                           ("reference", "reference_0"), ("trajectory", "trajectory")):
-            if name in panels:
-                w.add_image(f"{p}/{kind}/{slot}", panels[name], step, dataformats="CHW")
+        self.writer.add_image(f"{self.prefix}/samples/{slot}", grid, step, dataformats="CHW")
 
 
 def _is_writer(obj: Any) -> bool:

@@ -28,14 +28,15 @@ def test_summary_writer_round_trip(tmp_path, make_result):
     assert ea.Scalars("fgvce/part_error_share/left_wing")[0].value == 0.5
     assert ea.Scalars("fgvce/misclassified")[-1].value == 10
 
-    # sample 0 has every panel; sample 1 only a trajectory; the skipped sample gets none
-    for tag in ("fgvce/samples/0", "fgvce/query/0", "fgvce/contributions/0", "fgvce/reference/0",
-                "fgvce/trajectory/0", "fgvce/samples/1", "fgvce/trajectory/1",
-                "fgvce/figures/part_errors", "fgvce/figures/confusion_parts"):
+    # one image per sample, its panels side by side: sample 0 has every panel (query,
+    # contributions, reference, trajectory), sample 1 only a trajectory; the skipped sample none
+    for tag in ("fgvce/samples/0", "fgvce/samples/1", "fgvce/figures/part_errors",
+                "fgvce/figures/confusion_parts"):
         assert tag in tags["images"], tag
-    assert "fgvce/samples/2" not in tags["images"] and "fgvce/query/1" not in tags["images"]
-    image = ea.Images("fgvce/samples/0")[0]
+    assert "fgvce/samples/2" not in tags["images"] and "fgvce/query/0" not in tags["images"]
+    image, single = ea.Images("fgvce/samples/0")[0], ea.Images("fgvce/samples/1")[0]
     assert image.step == 5 and image.width > image.height > 100
+    assert image.width > 3 * single.width and 0 <= image.height - single.height <= 4   # (padding)
     assert image.encoded_image_string.startswith(b"\x89PNG")
 
     text = ea.Tensors("fgvce/summary/text_summary")
