@@ -211,6 +211,10 @@ def reference_panel(ref_thumbnail: Optional[torch.Tensor], edit: Union[Edit, Seq
     return _draw_regions(image, [e.reference_cells for e in edits], numbers, feature_grid)
 
 
+def _edits(n: int) -> str:
+    return f"{n} edit" if n == 1 else f"{n} edits"
+
+
 def trajectory_figure(explanation: Explanation, *, dpi: int = 80) -> Optional[Figure]:
     """``p(true)`` and ``p(pred)`` before any edit and after each edit.
 
@@ -234,7 +238,7 @@ def trajectory_figure(explanation: Explanation, *, dpi: int = 80) -> Optional[Fi
     ax.set_xticks(steps)
     ax.set_xlabel("edits applied", fontsize=8)
     verdict = "flipped" if explanation.success else f"not flipped (→ {explanation.final_pred})"
-    ax.set_title(f"{explanation.num_edits} edits: {verdict}", fontsize=9)
+    ax.set_title(f"{_edits(explanation.num_edits)}: {verdict}", fontsize=9)
     ax.legend(fontsize=7, loc="best", framealpha=0.6)
     ax.grid(alpha=0.3)
     return figure
@@ -274,7 +278,7 @@ def trajectory_image(explanation: Explanation, *, size: int = 160) -> Optional[t
         for x, y in points:
             draw.ellipse((x - 2.5, y - 2.5, x + 2.5, y + 2.5), fill=colour)
     verdict = "flipped" if explanation.success else f"not flipped (-> {explanation.final_pred})"
-    draw.text((left, 3), f"{explanation.num_edits} edits: {verdict}", fill=(0, 0, 0))
+    draw.text((left, 3), f"{_edits(explanation.num_edits)}: {verdict}", fill=(0, 0, 0))
     draw.text((left, bottom + 4), "edits applied", fill=(90, 90, 90))
     draw.text((4, size - 15), f"p(true={explanation.true})", fill=(44, 160, 44))
     draw.text((size // 2 + 4, size - 15), f"p(pred={explanation.pred})", fill=(214, 39, 40))
