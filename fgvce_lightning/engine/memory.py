@@ -11,8 +11,9 @@ and a single query that does not fit is the head's own out-of-memory error).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ from .correspondence import grid_transforms
 __all__ = ["SearchPlan", "plan_search", "head_activation_bytes", "query_bytes"]
 
 _MB = 2 ** 20
-_activation_cache: dict[tuple, int] = {}
+_activation_cache: "weakref.WeakKeyDictionary[Any, dict[tuple, int]]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -41,17 +42,24 @@ class SearchPlan:
     budget_bytes: int
 
 
-def head_activation_bytes(head: Head, sample: torch.Tensor) -> int:
+def head_activation_bytes(head: Head, sample: torch.Tensor,
+                          modules: Sequence[nn.Module] = ()) -> int:
     """Bytes the head's intermediate outputs take per feature map: every submodule's output
-    summed, measured on one map with forward hooks (an upper bound on what is alive at once);
-    a head that is not an ``nn.Module`` is assumed to take four maps' worth. Cached per head
-    and map shape."""
-    key = (id(head), type(head).__name__, tuple(sample.shape[1:]), sample.dtype, str(sample.device))
-    if key in _activation_cache:
-        return _activation_cache[key]
+    summed, measured on one map with forward hooks (an upper bound on what is alive at once).
+    The hooks go on ``head`` when it is an ``nn.Module`` and on ``modules`` (e.g. the model a
+    plain ``head`` function calls into: only the submodules the head runs report); with neither,
+    four maps' worth is assumed. Cached per head and map shape."""
+    key = (tuple(sample.shape[1:]), sample.dtype, str(sample.device), len(modules))
+    try:
+        cached = _activation_cache.setdefault(head, {})
+    except TypeError:                    # (not weakly referenceable: measured every time)
+        cached = {}
+    if key in cached:
+        return cached[key]
     one = sample[:1]
     total = 4 * one.numel() * one.element_size()
-    if isinstance(head, nn.Module):
+    roots = [m for m in (head, *modules) if isinstance(m, nn.Module)]
+    if roots:
         seen = [0]
 
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
@@ -59,7 +67,8 @@ def head_activation_bytes(head: Head, sample: torch.Tensor) -> int:
                 if isinstance(t, torch.Tensor):
                     seen[0] += t.numel() * t.element_size()
 
-        handles = [m.register_forward_hook(hook) for m in head.modules()]
+        handles = [m.register_forward_hook(hook)
+                   for m in {id(sub): sub for root in roots for sub in root.modules()}.values()]
         try:
             with torch.no_grad():
                 head(one)
@@ -67,7 +76,7 @@ def head_activation_bytes(head: Head, sample: torch.Tensor) -> int:
             for h in handles:
                 h.remove()
         total = max(seen[0], one.numel() * one.element_size())
-    _activation_cache[key] = int(total)
+    cached[key] = int(total)
     return int(total)
 
 
@@ -84,9 +93,9 @@ def query_bytes(feature_shape: tuple[int, int, int], num_refs: int, config: Sear
 
 
 def plan_search(head: Head, queries: torch.Tensor, true: torch.Tensor, bank: ReferenceBank,
-                config: SearchConfig) -> SearchPlan:
+                config: SearchConfig, modules: Sequence[nn.Module] = ()) -> SearchPlan:
     """Group size and head chunk for ``config.search_memory_mb`` (``None``: all queries at
-    once, ``config.chunk_size`` maps per call)."""
+    once, ``config.chunk_size`` maps per call); ``modules``: see :func:`head_activation_bytes`."""
     n = int(queries.shape[0])
     t = true.to(bank.device).long()
     t = t[(t >= 0) & (t < bank.num_classes)]        # (bad labels: the search's own error)
@@ -96,7 +105,7 @@ def plan_search(head: Head, queries: torch.Tensor, true: torch.Tensor, bank: Ref
         return SearchPlan(max(1, n), config.chunk_size, per_query, 0, 0)
     budget = int(config.search_memory_mb * _MB)
     one = queries[:1].float()
-    per_map = one.numel() * one.element_size() * 2 + head_activation_bytes(head, one)
+    per_map = one.numel() * one.element_size() * 2 + head_activation_bytes(head, one, modules)
     chunk = int(max(1, min(config.chunk_size, (budget // 4) // per_map)))
     group = int(max(1, min(n, (budget - chunk * per_map) // per_query)))
     return SearchPlan(group, chunk, per_query, per_map, budget)

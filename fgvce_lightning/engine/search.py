@@ -104,7 +104,7 @@ def counterfactual_search(head: Head, queries: torch.Tensor, true: torch.Tensor,
         if config.search_memory_mb is not None and isinstance(queries, torch.Tensor) \
                 and queries.dim() == 4 and isinstance(true, torch.Tensor) \
                 and tuple(queries.shape[1:]) == bank.feature_shape:
-            plan = plan_search(head, queries, true, bank, config)
+            plan = plan_search(head, queries, true, bank, config, modules)
             config = dataclasses.replace(config, chunk_size=plan.chunk)
         if generator is None:
             generator = torch.Generator(device=device)

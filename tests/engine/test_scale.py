@@ -121,6 +121,12 @@ def test_the_budget_bounds_the_head_chunk_and_the_query_groups():
     x = torch.randn(1, 8, 6, 6)
     act = head_activation_bytes(head, x)
     assert act >= 4 * x.numel() * 4                            # the conv's output: 4× channels
+    # a plain function calling into a model (as the monitor's head wrapper does) is measured
+    # through the model's modules: only those the head runs report
+    other = _ConvHead(8, 5)
+    assert head_activation_bytes(lambda m: other(m), x, modules=(other,)) == \
+        head_activation_bytes(other, x)
+    assert head_activation_bytes(lambda m: other(m), x) == 4 * x.numel() * 4   # nothing to hook
     bank = ReferenceBank(5, 16, (8, 6, 6))
     bank.add(torch.randn(40, 8, 6, 6), torch.arange(5).repeat(8))
     queries, true = torch.randn(32, 8, 6, 6), torch.arange(32) % 5
