@@ -133,7 +133,8 @@ class Stores:
               ) -> "Stores":
         """Allocate stores sized by :func:`plan_stores` (same arguments; ``device`` and
         ``feature_dtype`` are where the maps live and the dtype the head takes them in;
-        ``bank_device``: where the bank lives instead, pinned host memory for ``"cpu"``)."""
+        ``bank_device``: where the bank lives instead; host memory is pinned when the model is
+        on a GPU)."""
         plan = plan_stores(num_classes=num_classes, feature_shape=feature_shape, dtype=dtype,
                            mistakes=mistakes, budget_bytes=budget_bytes,
                            max_per_class=max_per_class, thumbnail_size=thumbnail_size,
@@ -141,7 +142,8 @@ class Stores:
                            batch_size=batch_size, pending_max_bytes=pending_max_bytes)
         bank = ReferenceBank(num_classes, plan.capacity, tuple(feature_shape),
                              device=device if bank_device is None else bank_device, dtype=dtype,
-                             num_rows=plan.slots // plan.capacity, pin_memory=True)
+                             num_rows=plan.slots // plan.capacity,
+                             pin_memory=torch.device(device).type == "cuda")   # (only for a GPU model)
         return cls(bank=bank, extras=ReferenceExtras(num_classes, plan.capacity, rows=bank.rows),
                    mistakes=MistakeBuffer(mistakes, seed=seed), input_size=tuple(input_size),
                    feature_dtype=feature_dtype, part_source=part_source,
