@@ -159,8 +159,8 @@ class ReferenceBank:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(num_classes={self._num_classes}, capacity_per_class="
-                f"{self._capacity}, num_rows={self.num_rows}, feature_shape={self._feature_shape}, device={self._device}, "
-                f"dtype={self._dtype}, stored={len(self)})")
+                f"{self._capacity}, num_rows={self.num_rows}, feature_shape={self._feature_shape}, "
+                f"device={self._device}, dtype={self._dtype}, stored={len(self)})")
 
     # ------------------------------------------------------------------ writing
     def add(self, features: torch.Tensor, labels: torch.Tensor,
@@ -245,9 +245,8 @@ class ReferenceBank:
         slots ``row * capacity + slot`` (``row``: the class's ring) and the count written per
         class (advancing the ring positions: with ``replace=False`` the rows left out are not
         counted). Maps of a class that got no ring are offered (:meth:`seen`), not stored."""
-        rows = self.rows.assign(labels[chosen])
-        if self.rows.num_rows < self._num_classes:
-            placed = rows >= 0
+        if self.rows.num_rows < self._num_classes:     # (else every class owns its ring)
+            placed = self.rows.assign(labels[chosen]) >= 0
             if not bool(placed.all()):
                 self._seen += torch.bincount(labels[chosen][~placed], minlength=self._num_classes)
                 chosen = chosen[placed]

@@ -137,6 +137,7 @@ class ReferenceExtras:
                  rows: Optional[RowTable] = None) -> None:
         self.num_classes = int(num_classes)
         self.capacity = int(capacity_per_class)
+        self._own_rows = rows is None        # (else the bank hands out the rings and resets them)
         self.rows = rows if rows is not None else RowTable(num_classes, num_classes,
                                                            torch.device("cpu"))
         self.slots = self.rows.num_rows * self.capacity
@@ -151,8 +152,8 @@ class ReferenceExtras:
             self.capacity = int(capacity_per_class)
             self.ids = torch.full((self.slots // self.capacity, self.capacity, self.ids.shape[-1]),
                                   -1, dtype=torch.long)
-        if self.rows.num_rows != self.ids.shape[0]:
-            self.rows.reset(self.ids.shape[0])    # (an own table; the bank resets a shared one)
+        if self._own_rows:
+            self.rows.reset(self.ids.shape[0])
         self.ids.fill_(-1)
         self.count.zero_()
 
@@ -175,7 +176,7 @@ class ReferenceExtras:
         if chosen.numel() == 0:
             return
         # the same ring-buffer placement as the ReferenceBank, so both keep the same samples
-        if self.rows.row_of.device.type == "cpu":      # an own table: hand out the rings here
+        if self._own_rows:                             # hand out the rings here
             placed = self.rows.assign(labels[chosen]) >= 0
             chosen = chosen[placed]
         keep, slot_in_class, per_class = ring_slots(labels[chosen], self.count % self.capacity,
