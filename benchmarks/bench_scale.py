@@ -37,7 +37,7 @@ import torchvision
 from fgvce_lightning.engine.bank import ReferenceBank
 from fgvce_lightning.engine.search import SearchConfig, counterfactual_search
 from fgvce_lightning.engine.split import split_model
-from fgvce_lightning.monitor.config import MonitorConfig
+from fgvce_lightning.monitor.config import DEFAULT_MEMORY_BUDGET_MB, MonitorConfig
 from fgvce_lightning.monitor.stores import plan_stores
 
 NUM_CLASSES = 200
@@ -105,7 +105,7 @@ def defaults_plan(grid: int, dtype: torch.dtype = torch.float32):
     feature_shape = (2048, grid, grid)
     batch_bytes = 64 * 2048 * grid * grid * 4
     return plan_stores(num_classes=NUM_CLASSES, feature_shape=feature_shape, dtype=dtype,
-                       mistakes=c.max_samples, budget_bytes=int(c.memory_budget_mb * _MB),
+                       mistakes=c.max_samples, budget_bytes=int(DEFAULT_MEMORY_BUDGET_MB * _MB),
                        max_per_class=c.max_references_per_class, thumbnail_size=c.thumbnail_size,
                        num_annotated=0, batch_bytes=batch_bytes, batch_size=64)
 

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from ..engine.search import SearchConfig
 from ..parts import PartPrototypes
 from .checks import dry_check, split_for
-from .config import DEFAULT_MEMORY_BUDGET_MB, Mechanisms, MonitorConfig, check_seed, make_search_config
+from .config import Mechanisms, MonitorConfig, check_seed, make_search_config
 from .explain import ExplainContext
 from .runner import Outcome, Runner, explain_and_publish
 from .schedule import RunInfo, explains
@@ -62,8 +62,9 @@ class CounterfactualMonitor(Callback):
             and part labels and the validation batches waiting to be stored (two sets of 1/16 of
             it, at most 32 MiB each, at least one batch), shared equally by the dataloaders. The
             per-class bank size follows from it, capped at ``max_references_per_class``; from
-            the second epoch on the bank's slots go to the classes that occurred. The default,
-            3072, keeps 36 references per class of a 200-class ResNet-50 at 224 px (8 at 448).
+            the second epoch on the bank's slots go to the classes that occurred. ``None``
+            (default): 3072, which keeps 36 references per class of a 200-class ResNet-50 at
+            224 px (8 at 448), or a quarter of the host's available memory when that is less.
         bank_device: ``"host"`` (default): the bank lives in host memory (pinned when training
             on a GPU), the search copies only its queries' true classes to the device;
             ``"model"``: on the model's device (no copies, but GPU memory).
@@ -122,7 +123,7 @@ class CounterfactualMonitor(Callback):
     def __init__(self, *, layer: Optional[str] = None, features: Optional[Callable] = None,
                  head: Optional[Callable] = None, num_classes: Optional[int] = None,
                  every_n_epochs: int = 1, max_samples: int = 64, time_budget_s: Optional[float] = None,
-                 memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+                 memory_budget_mb: Optional[float] = None,
                  max_references_per_class: Optional[int] = 64,
                  bank_dtype: str | torch.dtype = "float32", bank_device: str = "host",
                  thumbnail_size: int = 64,

@@ -96,7 +96,7 @@ def build_stores(config: MonitorConfig, search: SearchConfig, parsed: ParsedBatc
         feats, logits, Stores.needed_for(parsed, source), thumb, defer_thumbnails=defer_thumbnails)
     sizes = dict(num_classes=num_classes, feature_shape=tuple(feats.shape[1:]),
                  dtype=config.bank_dtype, mistakes=math.ceil(config.max_samples / max(1, world_size)),
-                 budget_bytes=int(config.memory_budget_mb * 2 ** 20) // max(1, num_loaders),
+                 budget_bytes=int(config.budget_mb * 2 ** 20) // max(1, num_loaders),
                  max_per_class=config.max_references_per_class, thumbnail_size=thumb,
                  num_annotated=num_annotated, batch_bytes=batch_bytes,
                  batch_size=int(feats.shape[0]),

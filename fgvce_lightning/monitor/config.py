@@ -32,6 +32,31 @@ BANK_DEVICES = ("host", "model")
 DEFAULT_MEMORY_BUDGET_MB = 3072.0
 
 
+def available_memory_bytes() -> Optional[int]:
+    """The host memory available to new allocations (``MemAvailable``; ``None`` if unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_memory_budget_mb() -> float:
+    """:data:`DEFAULT_MEMORY_BUDGET_MB`, or a quarter of the available host memory when that is
+    less (at least 64 MB): the bank must never be what pushes a training machine into swap or
+    the out-of-memory killer."""
+    available = available_memory_bytes()
+    if available is None:
+        return DEFAULT_MEMORY_BUDGET_MB
+    return float(max(64.0, min(DEFAULT_MEMORY_BUDGET_MB, available / 4 / 2 ** 20)))
+
+
 @dataclass(frozen=True)
 class Mechanisms:
     """Private switches of the machinery that keeps the monitor off the validation loop; all on
@@ -153,7 +178,7 @@ class MonitorConfig:
     every_n_epochs: int = 1
     max_samples: int = 64
     time_budget_s: Optional[float] = None
-    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB
+    memory_budget_mb: Optional[float] = None
     max_references_per_class: Optional[int] = 64
     bank_dtype: Any = "float32"
     bank_device: str = "host"
@@ -198,7 +223,8 @@ class MonitorConfig:
                                                       "max_references_per_class", allow_none=True))
         put("time_budget_s", _positive_number(self.time_budget_s, "time_budget_s", "seconds",
                                               allow_none=True))
-        put("memory_budget_mb", _positive_number(self.memory_budget_mb, "memory_budget_mb", "MB"))
+        put("memory_budget_mb", _positive_number(self.memory_budget_mb, "memory_budget_mb", "MB",
+                                                 allow_none=True))
         put("switch_interval_s", _positive_number(self.switch_interval_s, "switch_interval_s",
                                                   "seconds", allow_none=True))
         dtype = self.bank_dtype
@@ -257,6 +283,12 @@ class MonitorConfig:
                              f"directory), but got {value!r}. Use report_dir='.' for the current "
                              "directory.")
         return path
+
+    @property
+    def budget_mb(self) -> float:
+        """``memory_budget_mb``, or the default (:func:`default_memory_budget_mb`) when ``None``."""
+        return self.memory_budget_mb if self.memory_budget_mb is not None \
+            else default_memory_budget_mb()
 
     @property
     def split_options(self) -> dict[str, Any]:

@@ -61,10 +61,28 @@ def _reports(root: Path) -> dict[str, dict]:
     ({"max_region_size": 0}, ValueError, r"`max_region_size` to be a positive integer or None"),
     ({"trim": "yes"}, ValueError, r"`trim` to be True or False"),
     ({"switch_interval_s": 0}, ValueError, r"`switch_interval_s` to be a positive"),
+    ({"bank_device": "gpu"}, ValueError, r"`bank_device` to be one of \['host', 'model'\], but got 'gpu'"),
+    ({"search_memory_mb": 0}, ValueError, r"`search_memory_mb` to be a positive, finite number"),
+    ({"search_memory_mb": math.nan}, ValueError, r"`search_memory_mb` to be a positive, finite"),
 ])
 def test_invalid_options_fail_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         CounterfactualMonitor(**kwargs)
+
+
+def test_default_budget_never_takes_more_than_a_quarter_of_the_available_memory(monkeypatch):
+    from fgvce_lightning.monitor import config as monitor_config
+    assert CounterfactualMonitor().config.memory_budget_mb is None          # the default
+    monkeypatch.setattr(monitor_config, "available_memory_bytes", lambda: 64 * 2 ** 30)
+    assert CounterfactualMonitor().config.budget_mb == monitor_config.DEFAULT_MEMORY_BUDGET_MB
+    monkeypatch.setattr(monitor_config, "available_memory_bytes", lambda: 2 * 2 ** 30)
+    assert CounterfactualMonitor().config.budget_mb == 512.0                # a small machine
+    monkeypatch.setattr(monitor_config, "available_memory_bytes", lambda: 2 ** 20)
+    assert CounterfactualMonitor().config.budget_mb == 64.0                 # the floor
+    monkeypatch.setattr(monitor_config, "available_memory_bytes", lambda: None)
+    assert CounterfactualMonitor().config.budget_mb == monitor_config.DEFAULT_MEMORY_BUDGET_MB
+    # an explicit budget is the user's: never cut
+    assert CounterfactualMonitor(memory_budget_mb=8192).config.budget_mb == 8192.0
 
 
 # ---------------------------------------------------------------------------- before training
