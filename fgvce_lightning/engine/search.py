@@ -50,9 +50,10 @@ from .results import Edit, Explanation
 
 __all__ = ["SearchConfig", "counterfactual_search", "REGION_ORDERS"]
 
-#: subset pairs of the additivity test before the Shapley sampling (8 evaluations). One pair
-#: let a random-weight ResNet-50 head pass the first stage and fail the second, wasting the
-#: closed form's ``H·W + 2`` evaluations (1051 per explanation on 14×14 at two samples,
+#: subset pairs of the additivity test before the Shapley sampling (tested one after the
+#: other: 4 evaluations when a query fails the first, 8 at most). One pair let a random-weight
+#: ResNet-50 head pass the first stage and fail the second, wasting the closed form's
+#: ``H·W + 2`` evaluations (1051 per explanation on 14×14 at two samples,
 #: benchmarks/bench_scale.py); two reject it at the first stage (8 evaluations instead of 55
 #: on 7×7)
 ADDITIVITY_PAIRS = 2

@@ -107,14 +107,83 @@ def test_detector_rejects_non_additive_heads_and_falls_back_to_monte_carlo() -> 
     q2, a2 = torch.ones(3, 2, 2, 2), torch.zeros(3, 2, 2, 2)
     assert not is_additive_head(product_head, q2, a2, TRUE, PRED)
     res = local_shapley(ConvMaxHead(), query, absent, TRUE, PRED, num_samples=4)
-    assert not res.exact
-    assert res.head_evaluations.tolist() == [4 + 2 * 16 * 4] * 3
     plain = local_shapley(ConvMaxHead(), query, absent, TRUE, PRED, exact_if_additive=False)
-    assert plain.head_evaluations.tolist() == [2 * 16 * 4] * 3
-    # default cost on a 7×7 grid stays far below the 2,000-evaluation budget
+    assert not res.exact and not plain.exact
+    # the check's 4 evaluations, then the distinct coalitions (at most 2 · H·W per sample)
+    mc = res.head_evaluations - 4
+    assert len(set(mc.tolist())) == 1 and 16 * 4 < int(mc[0]) < 2 * 16 * 4
+    assert len(set(plain.head_evaluations.tolist())) == 1
+    assert 16 * 4 < int(plain.head_evaluations[0]) < 2 * 16 * 4
+    # default cost on a 7×7 grid (4 samples): below the 2 · 49 · 4 coalitions
     q7, a7 = _data(n=1, h=7, w=7)
-    cost = local_shapley(ConvMaxHead(), q7, a7, TRUE[:1], PRED[:1]).head_evaluations
-    assert cost.tolist() == [4 + 392]
+    cost = int(local_shapley(ConvMaxHead(), q7, a7, TRUE[:1], PRED[:1]).head_evaluations[0])
+    assert 4 + 49 * 4 < cost < 4 + 2 * 49 * 4
+
+
+def test_additivity_pairs_stop_at_the_first_failure() -> None:
+    from fgvce_lightning.engine.contributions import _additive_closed_form
+    query, absent = _data()
+    kw = dict(num_pairs=3, rtol=1e-4, atol=1e-5, chunk_size=64, num_classes=None)
+    ok, values, evals = _additive_closed_form(ConvMaxHead(), query, absent, TRUE, PRED,
+                                              generator=_gen(0), **kw)
+    assert not bool(ok.all()) and values is None
+    assert evals.tolist() == [4] * 3                  # the first pair already failed
+    ok, values, evals = _additive_closed_form(GapLinear(), query, absent, TRUE, PRED,
+                                              generator=_gen(0), **kw)
+    assert bool(ok.all()) and values is not None
+    assert evals.tolist() == [3 * 4 + 16 + 2] * 3     # every pair, then the closed form
+
+
+class RecordingHead(torch.nn.Module):
+    """ConvMaxHead that keeps every feature map it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.seen = ConvMaxHead(), []
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        self.seen.append(f.detach().clone())
+        return self.inner(f)
+
+
+@pytest.mark.parametrize("window,samples,antithetic", [(3, 1, True), (3, 4, True), (3, 3, False),
+                                                       (7, 2, True)])
+def test_each_distinct_coalition_is_evaluated_once(window: int, samples: int,
+                                                   antithetic: bool) -> None:
+    # query and absent differ at every cell, so distinct maps are distinct coalitions
+    query, absent = _data(n=2, h=4, w=4, seed=3)
+    head = RecordingHead()
+    res = local_shapley(head, query, absent, TRUE[:2], PRED[:2], window=window,
+                        num_samples=samples, antithetic=antithetic, exact_if_additive=False,
+                        generator=_gen(2), chunk_size=13)
+    seen = torch.cat(head.seen)
+    assert seen.shape[0] == int(res.head_evaluations.sum())
+    for n in range(2):  # every map belongs to one query: each cell is its query's or absent's
+        mine = seen[((seen == query[n]) | (seen == absent[n])).flatten(1).all(1)]
+        assert mine.shape[0] == int(res.head_evaluations[n])
+        assert torch.unique(mine.flatten(1), dim=0).shape[0] == mine.shape[0]
+    # the same estimate as evaluating every (cell, sample) coalition pair on its own
+    ref = local_shapley(ConvMaxHead(), query, absent, TRUE[:2], PRED[:2], window=window,
+                        num_samples=samples, antithetic=antithetic, exact_if_additive=False,
+                        generator=_gen(2), chunk_size=4096)
+    torch.testing.assert_close(res.values, ref.values, atol=1e-5, rtol=1e-5)
+
+
+def test_whole_grid_window_is_the_chain_sampler() -> None:
+    # one order of the whole grid: the H·W + 1 prefixes, and the marginals add up exactly to
+    # v(all) - v(none) (efficiency holds for every single order)
+    head = ConvMaxHead()
+    query, absent = _data(h=3, w=3, seed=4)
+    res = local_shapley(head, query, absent, TRUE, PRED, window=5, num_samples=1,
+                        antithetic=False, exact_if_additive=False, generator=_gen(9))
+    assert res.head_evaluations.tolist() == [3 * 3 + 1] * 3
+    with torch.no_grad():
+        total = margin(head(query), TRUE, PRED) - margin(head(absent), TRUE, PRED)
+    torch.testing.assert_close(res.values.sum(dim=(1, 2)), total, atol=1e-5, rtol=1e-5)
+    # an antithetic pair: the order and its reverse share only the full and the empty map
+    pair = local_shapley(head, query, absent, TRUE, PRED, window=5, num_samples=2,
+                         exact_if_additive=False, generator=_gen(9))
+    assert pair.head_evaluations.tolist() == [2 * (3 * 3 + 1) - 2] * 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +290,9 @@ def test_odd_sample_count_and_result_type() -> None:
     res = local_shapley(ConvMaxHead(), query, absent, TRUE[:1], PRED[:1], num_samples=3,
                         exact_if_additive=False)
     assert isinstance(res, ContributionResult)
-    assert res.head_evaluations.tolist() == [2 * 4 * 3]
+    # a 3×3 window covers the 2×2 grid: three chains of 5 prefixes share at least the full and
+    # the empty map
+    assert 2 * 4 < int(res.head_evaluations[0]) <= 3 * 5 - 4
     assert torch.isfinite(res.values).all()
 
 
