@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["Correspondence", "cell_similarity", "grid_transforms", "correspond",
            "corresponding_features", "restrict_to_parts", "align_references"]
@@ -53,14 +52,19 @@ class Correspondence:
     mirrored: torch.Tensor
 
 
-def cell_similarity(query: torch.Tensor, references: torch.Tensor, *, normalized: bool = False
-                    ) -> torch.Tensor:
+def cell_similarity(query: torch.Tensor, references: torch.Tensor, *, normalized: bool = False,
+                    query_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Cosine similarity of every query cell with every cell of each of its references.
+
+    The dot products come from one batched matrix product of the raw features and are divided
+    by the norms afterwards: the references are never normalised (nor copied to do it), which
+    on a ResNet-50's 2048-channel maps costs far more than the division of the similarities.
 
     Args:
         query: ``(N, C, H, W)``.
         references: ``(N, K, C, H, W)``.
         normalized: the cell vectors already have unit norm along the channels.
+        query_norm: ``(N, H*W)`` the query cells' norms when the caller has them.
 
     Returns:
         ``(N, H*W, K, H*W)`` float32: ``[n, u, k, v]`` = cos(query cell ``u``, reference ``k`` cell ``v``).
@@ -69,10 +73,16 @@ def cell_similarity(query: torch.Tensor, references: torch.Tensor, *, normalized
     hw = h * w
     qn = query.float().reshape(n, c, hw)                                       # (N, C, HW)
     rn = references.float().reshape(n, k, c, hw)                               # (N, K, C, HW)
+    rn = rn.permute(0, 2, 1, 3).reshape(n, c, k * hw)                         # (N, C, K·HW)
+    sim = torch.bmm(qn.transpose(1, 2), rn).view(n, hw, k, hw)
     if not normalized:
-        qn, rn = F.normalize(qn, dim=1), F.normalize(rn, dim=2)
-    rn = rn.permute(0, 2, 1, 3).reshape(n, c, k * hw)
-    return torch.bmm(qn.transpose(1, 2), rn).view(n, hw, k, hw)
+        if query_norm is None:
+            query_norm = torch.linalg.vector_norm(qn, dim=1)
+        ref_norm = torch.linalg.vector_norm(rn, dim=1).view(n, k, hw)
+        eps = 1e-12                                                            # as F.normalize
+        sim = sim / (query_norm.float().clamp_min(eps)[:, :, None, None]
+                     * ref_norm.clamp_min(eps)[:, None])
+    return sim
 
 
 def grid_transforms(height: int, width: int, max_shift: Optional[int], mirror: bool,
@@ -141,12 +151,13 @@ def correspond(similarity: torch.Tensor, valid: torch.Tensor, grid: tuple[int, i
         weights = torch.ones(n, hw, device=device)
     weights = weights.float().clamp_min(0)
     weights = weights / weights.sum(1, keepdim=True).clamp_min(1e-12)
-    # per transform o: sim_o[n, k, o, u] = similarity[n, u, k, source[o, u]]
-    sim = similarity.permute(0, 2, 1, 3)                                      # (N, K, HW, HW)
+    # per transform o: sim_o[n, k, u, o] = similarity[n, u, k, source[o, u]]; the gather runs on
+    # a contiguous copy (5x faster than on the permuted view)
+    sim = similarity.permute(0, 2, 1, 3).contiguous()                         # (N, K, HW, HW)
     idx = source.T[None, None].expand(n, k, hw, num_o)                        # [.., u, o]
     sim_o = sim.gather(3, idx)                                                # (N, K, HW, O)
-    scored = torch.where(inside.T[None, None], sim_o, torch.zeros((), device=device))
-    score_o = (scored * weights[:, None, :, None]).sum(2)                     # (N, K, O)
+    factor = weights[:, :, None] * inside.T[None]          # (N, HW, O): 0 where off the grid
+    score_o = (sim_o * factor[:, None]).sum(2)                                # (N, K, O)
     score, best = score_o.max(2)                                              # (N, K)
     cell_source = source[best]                                                # (N, K, HW)
     cell_sim = sim_o.gather(3, best[:, :, None, None].expand(n, k, hw, 1)).squeeze(3)
@@ -235,10 +246,10 @@ def align_references(query: torch.Tensor, references: torch.Tensor, valid: torch
     hw = h * w
     cs = c if channels is None else channels
     qflat = query.reshape(n, c, hw)
-    similarity = cell_similarity(F.normalize(query[:, :cs], dim=1),
-                                 F.normalize(references[:, :, :cs], dim=2), normalized=True)
+    query_norm = torch.linalg.vector_norm(qflat[:, :cs].float(), dim=1)      # (N, HW)
+    similarity = cell_similarity(query[:, :cs], references[:, :, :cs], query_norm=query_norm)
     corr = correspond(similarity, valid, (h, w), max_shift=max_shift, mirror=mirror,
-                      weights=qflat[:, :cs].norm(dim=1))
+                      weights=query_norm)
     p = k if keep is None else min(int(keep), k)
     slots = corr.score.topk(p, 1).indices if p else torch.zeros(n, 0, dtype=torch.long,
                                                                 device=query.device)
