@@ -11,8 +11,8 @@ A neighbour qualifies when its contribution is at least ``threshold × s`` for a
 at most ``1 / threshold`` times as negative; zero-contribution cells group together).
 
 Every query of the batch is processed in lock-step: the loops run over regions and growth steps
-(both bounded by the number of cells), never over cells or queries; neighbourhoods are tensor
-shifts of boolean masks.
+(both bounded by the number of cells), never over cells or queries; a region's neighbours come
+from one product with the grid's adjacency matrix.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["grow_regions", "default_max_region_size"]
 
@@ -31,14 +30,15 @@ def default_max_region_size(height: int, width: int) -> int:
     return max(1, math.ceil(height * width / 8))
 
 
-def _neighbours(mask: torch.Tensor, connectivity: int) -> torch.Tensor:
-    """Cells adjacent to ``mask`` (``(N, H, W)`` bool), the mask itself excluded."""
-    if connectivity == 8:
-        grown = F.max_pool2d(mask[:, None].float(), kernel_size=3, stride=1, padding=1)[:, 0] > 0
-    else:
-        p = F.pad(mask, (1, 1, 1, 1))
-        grown = p[:, :-2, 1:-1] | p[:, 2:, 1:-1] | p[:, 1:-1, :-2] | p[:, 1:-1, 2:]
-    return grown & ~mask
+def _adjacency(h: int, w: int, connectivity: int, device: torch.device,
+               dtype: torch.dtype) -> torch.Tensor:
+    """``(H·W, H·W)`` 0/1 matrix: ``[u, v] = 1`` when cells ``u`` and ``v`` are neighbours."""
+    cells = torch.arange(h * w, device=device)
+    di = (cells // w)[:, None] - (cells // w)[None]
+    dj = (cells % w)[:, None] - (cells % w)[None]
+    near = (di.abs() + dj.abs() == 1) if connectivity == 4 else \
+        ((di.abs() <= 1) & (dj.abs() <= 1) & (cells[:, None] != cells[None]))
+    return near.to(dtype)
 
 
 def grow_regions(contributions: torch.Tensor, *, max_region_size: Optional[int] = None,
@@ -90,35 +90,34 @@ def grow_regions(contributions: torch.Tensor, *, max_region_size: Optional[int] 
     if n == 0 or h * w == 0:
         return regions
     neg_inf = torch.tensor(float("-inf"), dtype=values.dtype, device=device)
-    rows = torch.arange(n, device=device)
+    # neighbourhoods as one matrix product per growth step (a member-count per cell), not as
+    # shifted masks: a handful of tensor ops per step for the whole batch
+    adjacency = _adjacency(h, w, connectivity, device, torch.float32)    # (H·W)² · 4 bytes
+    cells = torch.arange(h * w, device=device)
+    regions = regions.view(n, h * w)
     region = 0
     while True:
-        free = regions < 0                                            # (N, H, W)
-        active = free.view(n, -1).any(dim=1)                          # queries still partitioning
+        free = regions < 0                                            # (N, HW)
+        active = free.any(dim=1)                                      # queries still partitioning
         if not bool(active.any()):
             break
         # seed: strongest free cell (argmax returns the first maximum: lowest index on ties)
-        seed_idx = torch.where(free.view(n, -1), flat, neg_inf).argmax(dim=1)
-        seed_val = flat[rows, seed_idx]
+        seed_idx = torch.where(free, flat, neg_inf).argmax(dim=1)
+        seed_val = flat.gather(1, seed_idx[:, None]).squeeze(1)
         lower = torch.where(seed_val > 0, seed_val * threshold,
                             seed_val / threshold if threshold > 0 else neg_inf.expand(n))
-        qualifies = free & (values >= lower[:, None, None]) & active[:, None, None]
-        member = torch.zeros(n, h * w, dtype=torch.bool, device=device)
-        member[rows, seed_idx] = active
-        member = member.view(n, h, w)
-        size = active.long()
+        qualifies = free & (flat >= lower[:, None]) & active[:, None]
+        member = (cells[None] == seed_idx[:, None]) & active[:, None]
         for _ in range(max_region_size - 1):
-            frontier = _neighbours(member, connectivity) & qualifies
-            grow = frontier.view(n, -1).any(dim=1) & (size < max_region_size)
+            frontier = ((member.float() @ adjacency) > 0) & qualifies & ~member
+            grow = frontier.any(dim=1)                                # size < max by the loop
             if not bool(grow.any()):
                 break
-            best = torch.where(frontier.view(n, -1), flat, neg_inf).argmax(dim=1)
-            add = torch.zeros(n, h * w, dtype=torch.bool, device=device)
-            add[rows, best] = grow
-            member = member | add.view(n, h, w)
-            size = size + grow.long()
+            best = torch.where(frontier, flat, neg_inf).argmax(dim=1)
+            member = member | ((cells[None] == best[:, None]) & grow[:, None])
         regions[member] = region
         region += 1
+    regions = regions.view(n, h, w)
 
     # order: total positive contribution desc, then total desc, then creation order (stable sorts)
     num = region
@@ -128,7 +127,7 @@ def grow_regions(contributions: torch.Tensor, *, max_region_size: Optional[int] 
     total = torch.zeros(n, num, dtype=values.dtype, device=device)
     total.scatter_add_(1, ids, flat)
     exists = torch.zeros(n, num, dtype=torch.bool, device=device)
-    exists[rows[:, None].expand_as(ids), ids] = True
+    exists.scatter_(1, ids, True)
     pos_total = torch.where(exists, pos_total, neg_inf)  # missing regions sort last
     total = torch.where(exists, total, neg_inf)
     order = torch.arange(num, device=device).expand(n, num)
