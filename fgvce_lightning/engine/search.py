@@ -303,33 +303,43 @@ def _explanations(b: QueryBatch, kept: torch.Tensor, traj_t: torch.Tensor, traj_
     h, w = b.query.shape[2:]
     if cell_keep is None:
         cell_keep = torch.ones_like(regions, dtype=torch.bool)
-    cpu = {k: v.detach().cpu() for k, v in dict(
-        cell_keep=cell_keep, kept=kept, traj_t=traj_t, traj_p=traj_p, final=final, success=success, regions=regions,
-        region_ref=region_ref, cell_match=cell_match, cell_sim=cell_sim,
-        values=values.reshape(m, hw).float(), index=b.index, true=b.true, pred=b.pred,
-        p_true=b.p_true, p_pred=b.p_pred, ref_ids=b.ref_ids, evals=b.evals).items()}
+    # every edit of every query at once: (query, region) pairs in step order, their cells
+    qi, ri = kept.nonzero(as_tuple=True)                                  # row-major: step order
+    cells = (regions[qi] == ri[:, None]) & cell_keep[qi]                  # (E, HW)
+    e_idx, u_idx = cells.nonzero(as_tuple=True)                           # by edit, then cell
+    count = cells.sum(1)
+    flat_sim = cell_sim.float()[qi[e_idx], u_idx]
+    flat_val = values.reshape(m, hw).float()[qi[e_idx], u_idx]
+    sim_sum = torch.zeros(qi.numel(), device=regions.device).index_add_(0, e_idx, flat_sim)
+    val_sum = torch.zeros(qi.numel(), device=regions.device).index_add_(0, e_idx, flat_val)
+    ranks = (torch.cumsum(kept.long(), 1) - 1)[qi, ri]                    # step of each edit
+    slot = region_ref[qi, ri]
+    lists = {k: v.detach().cpu().tolist() for k, v in dict(
+        qi=qi, slot=slot, ref_id=b.ref_ids[qi, slot], count=count, u=u_idx,
+        match=cell_match[qi[e_idx], u_idx], sim=sim_sum / count.clamp_min(1), val=val_sum,
+        pt=traj_t[qi, ranks], pp=traj_p[qi, ranks], index=b.index, true=b.true, pred=b.pred,
+        final=final, success=success, p_true=b.p_true, p_pred=b.p_pred, evals=b.evals).items()}
+    values_cpu = values.reshape(m, h, w).float().cpu()
+    regions_cpu = regions.view(m, h, w).cpu()
+    edits: list[list[Edit]] = [[] for _ in range(m)]
+    start = 0
+    for e, i in enumerate(lists["qi"]):                                   # marshalling
+        end = start + lists["count"][e]
+        us, vs = lists["u"][start:end], lists["match"][start:end]
+        edits[i].append(Edit(
+            query_cells=tuple((u // w, u % w) for u in us),
+            reference_slot=lists["slot"][e], reference_id=tuple(lists["ref_id"][e]),
+            reference_cells=tuple((v // w, v % w) for v in vs),
+            similarity=lists["sim"][e] if end > start else float("nan"),
+            contribution=lists["val"][e],
+            p_true_after=lists["pt"][e], p_pred_after=lists["pp"][e]))
+        start = end
     results = list(b.results)
     for i in range(m):
-        reg = cpu["regions"][i]
-        edits = []
-        for step, r in enumerate(cpu["kept"][i].nonzero().squeeze(1).tolist()):
-            cells = ((reg == r) & cpu["cell_keep"][i]).nonzero().squeeze(1)
-            k = int(cpu["region_ref"][i, r])
-            matched = cpu["cell_match"][i, cells]
-            edits.append(Edit(
-                query_cells=tuple((int(u) // w, int(u) % w) for u in cells),
-                reference_slot=k,
-                reference_id=tuple(int(x) for x in cpu["ref_ids"][i, k]),
-                reference_cells=tuple((int(v) // w, int(v) % w) for v in matched),
-                similarity=float(cpu["cell_sim"][i, cells].mean()),
-                contribution=float(cpu["values"][i, cells].sum()),
-                p_true_after=float(cpu["traj_t"][i, step]),
-                p_pred_after=float(cpu["traj_p"][i, step])))
-        results[int(cpu["index"][i])] = Explanation(
-            query_index=int(cpu["index"][i]), true=int(cpu["true"][i]), pred=int(cpu["pred"][i]),
-            success=bool(cpu["success"][i]), final_pred=int(cpu["final"][i]), edits=tuple(edits),
-            p_true_before=float(cpu["p_true"][i]), p_pred_before=float(cpu["p_pred"][i]),
-            contributions=cpu["values"][i].view(h, w).clone(),
-            regions=reg.view(h, w).clone(), head_evaluations=int(cpu["evals"][i]),
-            method=method)
+        results[lists["index"][i]] = Explanation(
+            query_index=lists["index"][i], true=lists["true"][i], pred=lists["pred"][i],
+            success=bool(lists["success"][i]), final_pred=lists["final"][i],
+            edits=tuple(edits[i]), p_true_before=lists["p_true"][i],
+            p_pred_before=lists["p_pred"][i], contributions=values_cpu[i].clone(),
+            regions=regions_cpu[i].clone(), head_evaluations=lists["evals"][i], method=method)
     return results
