@@ -52,6 +52,13 @@ class Correspondence:
     mirrored: torch.Tensor
 
 
+def _channel_norm(x: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm over dim 1 of ``(N, C, L)``: ``vecdot`` is 8x faster than ``vector_norm``
+    on a 64-channel map on the CPU (and 1.3x slower on a 2048-channel one, where the head's
+    cost dominates the search)."""
+    return torch.linalg.vecdot(x, x, dim=1).sqrt()
+
+
 def cell_similarity(query: torch.Tensor, references: torch.Tensor, *, normalized: bool = False,
                     query_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Cosine similarity of every query cell with every cell of each of its references.
@@ -77,8 +84,8 @@ def cell_similarity(query: torch.Tensor, references: torch.Tensor, *, normalized
     sim = torch.bmm(qn.transpose(1, 2), rn).view(n, hw, k, hw)
     if not normalized:
         if query_norm is None:
-            query_norm = torch.linalg.vector_norm(qn, dim=1)
-        ref_norm = torch.linalg.vector_norm(rn, dim=1).view(n, k, hw)
+            query_norm = _channel_norm(qn)
+        ref_norm = _channel_norm(rn).view(n, k, hw)
         eps = 1e-12                                                            # as F.normalize
         sim = sim / (query_norm.float().clamp_min(eps)[:, :, None, None]
                      * ref_norm.clamp_min(eps)[:, None])
@@ -246,7 +253,7 @@ def align_references(query: torch.Tensor, references: torch.Tensor, valid: torch
     hw = h * w
     cs = c if channels is None else channels
     qflat = query.reshape(n, c, hw)
-    query_norm = torch.linalg.vector_norm(qflat[:, :cs].float(), dim=1)      # (N, HW)
+    query_norm = _channel_norm(qflat[:, :cs].float())                        # (N, HW)
     similarity = cell_similarity(query[:, :cs], references[:, :, :cs], query_norm=query_norm)
     corr = correspond(similarity, valid, (h, w), max_shift=max_shift, mirror=mirror,
                       weights=query_norm)

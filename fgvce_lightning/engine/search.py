@@ -225,8 +225,11 @@ def _search(head: Head, b: QueryBatch, config: SearchConfig, generator: torch.Ge
     r_max = int(num_regions.max())
     region_ref = torch.zeros(m, r_max, dtype=torch.long, device=device)        # (M, R) column
     repl = aligned[:, 0].clone()                                                # (M, C, HW)
+    all_rows = torch.arange(m, device=device)
 
     def edited(idx: torch.Tensor, cell_mask: torch.Tensor) -> torch.Tensor:
+        if idx.numel() == m and bool((idx == all_rows).all()):    # every query: no row copies
+            return torch.where(cell_mask[:, None], repl, qflat).view(-1, c, h, w)
         return torch.where(cell_mask[:, None], repl[idx], qflat[idx]).view(-1, c, h, w)
 
     # 5. lock-step search over region steps: each region's swap from every kept reference
@@ -243,7 +246,7 @@ def _search(head: Head, b: QueryBatch, config: SearchConfig, generator: torch.Ge
         a = idx.numel()
         ok_l = ref_ok[idx]                                                      # (A, P)
         nv = ok_l.shape[1]
-        feat_l = aligned[idx]                                                   # (A, P, C, HW)
+        feat_l = aligned if a == m else aligned[idx]                            # (A, P, C, HW)
         base = edited(idx, regions[idx] < t).view(a, 1, c, hw)
         in_region = (regions[idx] == t)[:, None, None, :]                       # (A, 1, 1, HW)
         variants = torch.where(in_region, feat_l, base).reshape(a * nv, c, h, w)
@@ -252,7 +255,8 @@ def _search(head: Head, b: QueryBatch, config: SearchConfig, generator: torch.Ge
         pt, pp, tm = (torch.full((a * nv,), float("-inf"), device=device) for _ in range(3))
         am = torch.full((a * nv,), -1, dtype=torch.long, device=device)
         pt[usable], pp[usable], am[usable], tm[usable] = evaluate_variants(
-            head, variants[usable], b.true[idx][owner], b.pred[idx][owner], config, num_classes)
+            head, variants if bool(usable.all()) else variants[usable], b.true[idx][owner],
+            b.pred[idx][owner], config, num_classes)
         pt, pp, am, tm = (v.view(a, nv) for v in (pt, pp, am, tm))
         b.evals[idx] += ok_l.sum(1)
         best = tm.masked_fill(~ok_l, float("-inf")).argmax(1)                  # (A,)
