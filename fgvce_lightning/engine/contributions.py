@@ -312,6 +312,8 @@ def local_shapley(head: Head, query: torch.Tensor, absent: torch.Tensor, true: t
     hw, device = h * w, query.device
     evals = torch.zeros(n, dtype=torch.long, device=device)
     with torch.no_grad():
+        # the orders are drawn first, so they do not depend on whether the check runs
+        masks, inverse = _shapley_masks(h, w, window, num_samples, antithetic, generator, device)
         if exact_if_additive:
             _check_positive_int(num_pairs, "num_pairs")
             ok, values, evals = _additive_closed_form(
@@ -320,7 +322,6 @@ def local_shapley(head: Head, query: torch.Tensor, absent: torch.Tensor, true: t
             if values is not None and bool(ok.all()):
                 return ContributionResult(values.float().contiguous(), evals.cpu(), True)
 
-        masks, inverse = _shapley_masks(h, w, window, num_samples, antithetic, generator, device)
         u = masks.shape[0]
         v = _evaluate_masked(head, query, absent, true, pred, masks, chunk_size,
                              num_classes)[:, inverse].view(n, hw, num_samples, 2)

@@ -189,6 +189,13 @@ def test_grouped_search_of_a_non_additive_head_matches_the_whole_batch():
         assert [e.p_true_after for e in a.edits] == pytest.approx([e.p_true_after for e in b.edits],
                                                                   abs=1e-5)
         assert torch.allclose(a.contributions, b.contributions, atol=1e-5)
+    # the first group shows the head is not additive (4 evaluations of the check); the later
+    # groups skip the check and draw the same Shapley orders
+    first = plan.group
+    assert [b.head_evaluations for b in grouped[:first]] == \
+        [a.head_evaluations for a in whole[:first]]
+    assert [b.head_evaluations for b in grouped[first:]] == \
+        [a.head_evaluations - 4 for a in whole[first:]]
 
 
 def test_a_new_epoch_started_in_inference_mode_stores_the_next_epoch():
