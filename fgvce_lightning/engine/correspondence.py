@@ -87,8 +87,8 @@ def cell_similarity(query: torch.Tensor, references: torch.Tensor, *, normalized
             query_norm = _channel_norm(qn)
         ref_norm = _channel_norm(rn).view(n, k, hw)
         eps = 1e-12                                                            # as F.normalize
-        sim = sim / (query_norm.float().clamp_min(eps)[:, :, None, None]
-                     * ref_norm.clamp_min(eps)[:, None])
+        sim /= (query_norm.float().clamp_min(eps)[:, :, None, None]
+                * ref_norm.clamp_min(eps)[:, None])
     return sim
 
 

@@ -82,14 +82,15 @@ def head_activation_bytes(head: Head, sample: torch.Tensor,
 
 def query_bytes(feature_shape: tuple[int, int, int], num_refs: int, config: SearchConfig) -> int:
     """Estimated peak bytes of one query's search buffers (float32): ``3K`` reference maps (the
-    gathered ones, normalised, laid out for the similarity product), ``4P + 6`` maps (aligned
-    references, variants, the edited query), the ``(HW, K, HW)`` similarities and three
+    gathered ones, their copy laid out for the similarity product, the kept ones' copy),
+    ``4P + 6`` maps (aligned references, variants, the edited query), two ``(HW, K, HW)``
+    similarity tensors (and the copy laid out for the transform gather) and three
     ``(K, HW, O)`` transform-score tensors (``O`` rigid transforms)."""
     c, h, w = feature_shape
     hw, m = h * w, c * h * w * 4
     k, p = max(1, num_refs), min(config.num_references, max(1, num_refs))
     o = grid_transforms(h, w, config.max_shift, config.mirror)[0].shape[0]
-    return int((3 * k + 4 * p + 6) * m + k * hw * (hw + 3 * o) * 4)
+    return int((3 * k + 4 * p + 6) * m + k * hw * (2 * hw + 3 * o) * 4)
 
 
 def plan_search(head: Head, queries: torch.Tensor, true: torch.Tensor, bank: ReferenceBank,
