@@ -177,6 +177,11 @@ def test_tensorboard_scalars_images_text_layout_and_report(tmp_path):
         assert report["num_misclassified"] > 0 and report["feature_grid"] == [4, 4]
     assert (root / "epoch_001" / "report.html").is_file()
     assert str(monitor.last_report).endswith("epoch_001")
+    # each piece of the last epoch's publishing timed, the shared pictures on their own
+    timings = monitor._session.publisher.timings
+    assert {"report.json", "sample panels", "encoding", "tensorboard", "report.html"} \
+        <= set(timings), timings
+    assert all(v >= 0 for v in timings.values())
 
 
 def test_report_dir_without_logger_is_under_default_root_dir(tmp_path):

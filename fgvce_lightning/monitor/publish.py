@@ -82,14 +82,34 @@ class Publisher:
         self.html = html
         self.failures: list[str] = []        # writing failures, for the next report and the count
         self._reporters: dict[tuple, Any] = {}
-        #: seconds each piece of the last run's publishing took (all dataloaders together):
-        #: ``report.json``, ``tensorboard`` (sample panels, figures, text), ``strips`` (the part
-        #: strips), ``report.html``
+        self._images: Any = None                # the EpochImages being published
+        #: seconds each piece of the last run's publishing took (all dataloaders together; the
+        #: pieces do not overlap): ``report.json``; drawing the two ``figures`` and the
+        #: ``sample panels`` and their PNG / JPEG ``encoding`` (done once, for TensorBoard and
+        #: ``report.html`` alike); ``tensorboard`` (the rest: writing the events, the text);
+        #: ``strips`` (the part strips); ``report.html`` (the rest: the page)
         self.timings: dict[str, float] = {}
         self._run_key: Any = None
 
-    def _timed(self, piece: str, start: float) -> None:
-        self.timings[piece] = self.timings.get(piece, 0.0) + time.perf_counter() - start
+    def _timed(self, piece: str, start: float, drawn: Optional[dict[str, float]] = None) -> None:
+        """Add the time since ``start`` to ``piece``, less the drawing and encoding the epoch's
+        pictures recorded meanwhile (``drawn``: their :attr:`EpochImages.timings` at ``start``),
+        which go to their own pieces."""
+        elapsed = time.perf_counter() - start
+        if drawn is not None:
+            for name, seconds in self._images.timings.items():
+                spent = seconds - drawn.get(name, 0.0)
+                self.timings[name] = self.timings.get(name, 0.0) + spent
+                elapsed -= spent
+        self.timings[piece] = self.timings.get(piece, 0.0) + max(elapsed, 0.0)
+
+    def _drawing(self, result: EpochResult) -> dict[str, float]:
+        """The epoch's pictures' drawing and encoding times so far (the pictures TensorBoard and
+        ``report.html`` share)."""
+        from ..reporting.rendered import epoch_images
+
+        self._images = epoch_images(result)
+        return dict(self._images.timings)
 
     def publish(self, result: EpochResult, run: RunInfo, ctx: ExplainContext,
                 collector: Optional[Collector], deadline: Deadline,
@@ -116,9 +136,9 @@ class Publisher:
             if deadline.expired():
                 notes.append(f"report.html not written: {deadline.why()}")
             else:
-                start = time.perf_counter()
+                start, drawn = time.perf_counter(), self._drawing(result)
                 self._write_html(result, path)
-                self._timed("report.html", start)
+                self._timed("report.html", start, drawn)
         if len(notes) > len(result.notes):
             result = dataclasses.replace(result, notes=tuple(notes))
             self._rewrite_json(result, path)
@@ -146,10 +166,10 @@ class Publisher:
                     reporter = TensorBoardReporter(logger.experiment, prefix=prefix,
                                                    max_images=self.log_images)
                     self._reporters[key] = reporter
-                start = time.perf_counter()
+                start, before = time.perf_counter(), self._drawing(result)
                 drawn = reporter.log_epoch(result, int(result.global_step), scalars=False,
                                            should_stop=deadline.expired)
-                self._timed("tensorboard", start)
+                self._timed("tensorboard", start, before)
                 shown = min(self.log_images, sum(not s.explanation.skipped for s in result.samples))
                 if drawn < shown:
                     notes.append(f"{drawn} of {shown} sample panels drawn to TensorBoard: "

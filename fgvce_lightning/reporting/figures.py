@@ -2,17 +2,23 @@
 
 Figures are built on :class:`matplotlib.figure.Figure` with an Agg canvas, never through
 ``pyplot``: no global figure registry, no backend switch, nothing leaks into the user's session.
+Their margins are fixed from the measured size of their labels, not found by a layout engine
+(matplotlib's constrained layout measured every artist again: a third of a figure's time).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import TYPE_CHECKING, Optional, Sequence
+import threading
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+import matplotlib
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 
 from ..parts.types import EpochStats, PairStat
 
@@ -22,9 +28,16 @@ if TYPE_CHECKING:
 __all__ = ["figure_to_image", "part_error_figure", "confusion_part_heatmap", "class_label",
            "epoch_figure_images"]
 
+_measure_lock = threading.Lock()
+"""The shared renderer of :func:`_text_pixels` (FreeType fonts are not thread-safe)."""
+
 _rendered: list = [None, {}]
 """The last epoch result whose figures were rendered, and its images (TensorBoard and the HTML
 report show the same figures of the same epoch: draw them once)."""
+
+_kept: dict[str, Figure] = {}
+"""The figures :func:`epoch_figure_images` drew last, drawn into again for the next epoch."""
+_kept_lock = threading.Lock()
 
 
 def class_label(index: int, class_names: Optional[Sequence[str]] = None) -> str:
@@ -41,14 +54,47 @@ def figure_to_image(figure: Figure) -> torch.Tensor:
         figure: a matplotlib figure (any canvas; it is rendered with Agg).
 
     Returns:
-        ``(3, H, W)`` uint8 RGB tensor.
+        ``(3, H, W)`` uint8 RGB tensor (a channels-first view of an ``(H, W, 3)`` array: the PNG
+        encoder takes that layout back without a copy).
     """
     if not isinstance(figure, Figure):
         raise TypeError(f"Expected `figure` to be a matplotlib Figure, but got {type(figure).__name__}.")
-    canvas = FigureCanvasAgg(figure)
+    canvas = figure.canvas if isinstance(figure.canvas, FigureCanvasAgg) else FigureCanvasAgg(figure)
     canvas.draw()
     rgba = np.asarray(canvas.buffer_rgba())
-    return torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1)
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_pixels(text: str, prop: FontProperties, dpi: float) -> tuple[float, float]:
+    """Width and height of one line of text in pixels (the same on every Agg canvas at ``dpi``;
+    labels repeat from epoch to epoch)."""
+    w, h, _ = _renderer(dpi).get_text_width_height_descent(text or " ", prop, ismath=False)
+    return w, h
+
+
+@functools.lru_cache(maxsize=8)
+def _renderer(dpi: float) -> RendererAgg:
+    return RendererAgg(1, 1, dpi)
+
+
+def _text_inches(figure: Figure, texts: Sequence[str], size: object) -> tuple[float, float]:
+    """Width of the widest of ``texts`` and the height of one line, in inches, at font ``size``
+    (points or a matplotlib size name), measured with the Agg renderer."""
+    prop, dpi = FontProperties(size=size), float(figure.dpi)
+    width = height = 0.0
+    with _measure_lock:
+        for text in list(texts) or ["0"]:
+            w, h = _text_pixels(str(text), prop, dpi)
+            width, height = max(width, w), max(height, h)
+    return width / dpi, height / dpi
+
+
+def _set_margins(figure: Figure, left: float, right: float, bottom: float, top: float) -> None:
+    """Fixed margins in inches (the figure is sized to hold them and its axes)."""
+    width, height = figure.get_size_inches()
+    figure.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height,
+                           top=1 - top / height)
 
 
 def _empty(figure: Figure, message: str) -> Figure:
@@ -71,12 +117,25 @@ def part_error_figure(stats: EpochStats, *, max_parts: int = 30, dpi: int = 80) 
     Returns:
         A :class:`~matplotlib.figure.Figure` (a "no part statistics" note when there are none).
     """
+    return _part_errors(stats, max_parts, dpi, None)
+
+
+def _part_errors(stats: EpochStats, max_parts: int, dpi: int, reuse: Optional[Figure]) -> Figure:
+    """:func:`part_error_figure`, drawn into ``reuse`` (a figure this function made before,
+    emptied first) when that is possible."""
     part_stats = list(stats.part_stats)[:max_parts]
     height = max(2.4, 0.45 * len(part_stats) + 1.2)
-    figure = Figure(figsize=(6.0, height), dpi=dpi, layout="constrained")
     if not part_stats:
-        return _empty(figure, "no part statistics this epoch")
-    ax = figure.add_subplot(1, 1, 1)
+        return _empty(Figure(figsize=(6.0, height), dpi=dpi), "no part statistics this epoch")
+    figure, ax = _reused(reuse, dpi, 1)
+    rc = matplotlib.rcParams
+    label_w, _ = _text_inches(figure, [ps.part for ps in part_stats], rc["ytick.labelsize"])
+    _, tick_h = _text_inches(figure, ["0.8"], rc["xtick.labelsize"])
+    _, title_h = _text_inches(figure, ["P"], rc["axes.titlesize"])
+    left = label_w + 0.2
+    figure.set_size_inches(max(6.0, left + 3.5 + 0.2), height)   # the bars keep >= 3.5 in
+    _set_margins(figure, left=left, right=0.2, bottom=2.3 * tick_h + 0.25, top=title_h + 0.2)
+    ax = ax or figure.add_subplot(1, 1, 1)
     y = np.arange(len(part_stats))
     err = [ps.error_share for ps in part_stats]
     con = [ps.contribution_share for ps in part_stats]
@@ -88,7 +147,7 @@ def part_error_figure(stats: EpochStats, *, max_parts: int = 30, dpi: int = 80) 
     for yi, ps in zip(y, part_stats):
         ax.text(ps.interval[1], yi - 0.2, f" {ps.count}", va="center", fontsize=8)
     ax.set_yticks(y, [ps.part for ps in part_stats])
-    ax.invert_yaxis()
+    ax.yaxis.set_inverted(True)                                   # the largest share on top
     top = max([1.0] + [v for v in err + con if math.isfinite(v)])
     ax.set_xlim(0.0, top * 1.08)
     ax.set_xlabel("share of explained mistakes (error) / of positive contribution")
@@ -97,6 +156,30 @@ def part_error_figure(stats: EpochStats, *, max_parts: int = 30, dpi: int = 80) 
     ax.set_title(f"Parts behind the mistakes ({stats.num_explained} explained{shown})")
     ax.legend(loc="lower right", fontsize=8)
     return figure
+
+
+def _reused(reuse: Optional[Figure], dpi: int, num_axes: int) -> tuple[Figure, Any]:
+    """``(figure, its first axes emptied of data)`` from ``reuse`` when it has ``dpi`` and
+    ``num_axes`` axes with their axis lines on (a plot, not a note), else ``(new figure, None)``.
+
+    An emptied axes keeps its ticks and spines (made once: a third of building a figure) and its
+    canvas keeps its text-layout cache; the artists of the last plot are removed and the data
+    limits forgotten, so the figure draws as a new one would.
+    """
+    if reuse is None or reuse.dpi != dpi or len(reuse.axes) != num_axes \
+            or not reuse.axes[0].axison:
+        return Figure(figsize=(6.0, 2.4), dpi=dpi), None
+    ax = reuse.axes[0]
+    for container in list(ax.containers):
+        container.remove()
+    for artist in [*ax.patches, *ax.texts, *ax.lines, *ax.collections]:
+        artist.remove()
+    if ax.get_legend() is not None:
+        ax.get_legend().remove()
+    ax.ignore_existing_data_limits = True
+    ax.set_autoscaley_on(True)
+    ax.set_autoscalex_on(True)
+    return reuse, ax
 
 
 def _pair_rows(pair_stats: Sequence[PairStat], parts: Sequence[str]) -> np.ndarray:
@@ -126,19 +209,42 @@ def confusion_part_heatmap(stats: EpochStats, class_names: Optional[Sequence[str
     """
     if max_pairs < 1:
         raise ValueError(f"Expected `max_pairs` to be >= 1, but got {max_pairs}.")
+    return _heatmap(stats, class_names, max_pairs, max_parts, dpi, None)
+
+
+def _heatmap(stats: EpochStats, class_names: Optional[Sequence[str]], max_pairs: int,
+             max_parts: int, dpi: int, reuse: Optional[Figure]) -> Figure:
+    """:func:`confusion_part_heatmap`, drawn into ``reuse`` (a heat map this function made
+    before: its image and colour bar are kept, the colours are fixed to 0..1) when possible."""
     pairs = list(stats.pair_stats)[:max_pairs]
     parts = ([ps.part for ps in stats.part_stats] or sorted(
         {p for pair in pairs for p in pair.part_counts}))[:max_parts]
     labels = [f"{class_label(p.true, class_names)} → {class_label(p.pred, class_names)} (n={p.count}"
               f"{'' if p.enough else ', too few'})" for p in pairs]
-    width = max(5.0, 0.6 * len(parts) + 0.075 * max([0] + [len(t) for t in labels]) + 2.0)
-    height = max(2.4, 0.4 * len(pairs) + 1.6)
-    figure = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
     if not pairs or not parts:
-        return _empty(figure, "no confusion pairs with part labels this epoch")
+        return _empty(Figure(figsize=(5.0, 2.4), dpi=dpi),
+                      "no confusion pairs with part labels this epoch")
+    figure, ax = _reused(reuse, dpi, 2)
+    rc = matplotlib.rcParams
+    label_w, label_h = _text_inches(figure, labels, rc["ytick.labelsize"])
+    part_w, part_h = _text_inches(figure, parts, rc["xtick.labelsize"])
+    bar_w, _ = _text_inches(figure, ["0.00"], rc["ytick.labelsize"])
+    _, title_h = _text_inches(figure, ["P"], 10)
+    # the cells 0.6 × 0.4 in; the colour bar beside them takes 10 % of the axes' width
+    left, right = label_w + 0.2, bar_w + 0.3
+    bottom, top = 0.7071 * (part_w + part_h) + 0.2, 2.4 * title_h + 0.2
+    figure.set_size_inches(max(5.0, left + max(0.6 * len(parts), 1.5) / 0.9 + right),
+                           max(2.4, bottom + 0.4 * len(pairs) + top))
+    _set_margins(figure, left=left, right=right, bottom=bottom, top=top)
     values = _pair_rows(pairs, parts)
-    ax = figure.add_subplot(1, 1, 1)
-    image = ax.imshow(values, cmap="Reds", vmin=0.0, vmax=1.0, aspect="auto")
+    if ax is None:
+        ax = figure.add_subplot(1, 1, 1)
+        image = ax.imshow(values, cmap="Reds", vmin=0.0, vmax=1.0, aspect="auto")
+        figure.colorbar(image, ax=ax, fraction=0.05)
+    else:
+        image = ax.images[0]
+        image.set_data(values)
+        image.set_extent((-0.5, len(parts) - 0.5, len(pairs) - 0.5, -0.5))
     ax.set_xticks(np.arange(len(parts)), parts, rotation=45, ha="right")
     ax.set_yticks(np.arange(len(pairs)), labels)
     for i in range(values.shape[0]):
@@ -147,7 +253,6 @@ def confusion_part_heatmap(stats: EpochStats, class_names: Optional[Sequence[str
                 ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if values[i, j] > 0.6 else "black")
     ax.set_title("Confusion pair × part\n(share of the pair's mistakes)", fontsize=10)
-    figure.colorbar(image, ax=ax, fraction=0.05)
     return figure
 
 
@@ -156,15 +261,22 @@ def epoch_figure_images(result: "EpochResult") -> dict[str, torch.Tensor]:
     ``"confusion_parts"`` (each only when its statistics exist).
 
     Rendered once per epoch result: a second call with the same result object (e.g. the HTML
-    report after the TensorBoard panels) returns the same images without drawing again.
+    report after the TensorBoard panels) returns the same images without drawing again. Each
+    epoch draws into the figures of the epoch before (emptied: the same pixels as new figures,
+    without building axes, ticks and colour bar again); the figures of :func:`part_error_figure`
+    and :func:`confusion_part_heatmap` are always new.
     """
-    if _rendered[0] is result:
-        return _rendered[1]
-    images: dict[str, torch.Tensor] = {}
-    if result.stats.part_stats:
-        images["part_errors"] = figure_to_image(part_error_figure(result.stats))
-        if result.stats.pair_stats:
-            images["confusion_parts"] = figure_to_image(
-                confusion_part_heatmap(result.stats, result.class_names))
-    _rendered[0], _rendered[1] = result, images
-    return images
+    with _kept_lock:
+        if _rendered[0] is result:
+            return _rendered[1]
+        images: dict[str, torch.Tensor] = {}
+        if result.stats.part_stats:
+            figure = _kept["part_errors"] = _part_errors(result.stats, 30, 80,
+                                                         _kept.get("part_errors"))
+            images["part_errors"] = figure_to_image(figure)
+            if result.stats.pair_stats:
+                figure = _kept["confusion_parts"] = _heatmap(
+                    result.stats, result.class_names, 12, 30, 80, _kept.get("confusion_parts"))
+                images["confusion_parts"] = figure_to_image(figure)
+        _rendered[0], _rendered[1] = result, images
+        return images

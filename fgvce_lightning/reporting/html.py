@@ -7,15 +7,13 @@ that comes from the data (class names, part names, failure messages) is HTML-esc
 from __future__ import annotations
 
 import base64
-import io
 from html import escape
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
 from .epoch import EpochResult
-from .figures import epoch_figure_images
-from .images import sample_panel
+from .rendered import encode_jpeg, encode_png, epoch_images
 from .report import report_dict
 
 __all__ = ["png_bytes", "png_data_uri", "jpeg_bytes", "jpeg_data_uri", "render_html"]
@@ -34,42 +32,28 @@ img{max-width:100%;image-rendering:auto}
 """
 
 
-def _check_image(image: object) -> torch.Tensor:
-    if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.dim() != 3 \
-            or image.shape[0] != 3:
-        raise ValueError(f"Expected `image` to be a (3, H, W) uint8 tensor, but got "
-                         f"{getattr(image, 'dtype', type(image).__name__)} "
-                         f"{tuple(getattr(image, 'shape', ()))}.")
-    return image
-
-
-def _encode(image: torch.Tensor, fmt: str, **options: object) -> bytes:
-    from PIL import Image
-
-    array = _check_image(image).detach().cpu().permute(1, 2, 0).contiguous().numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(array, mode="RGB").save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
 def png_bytes(image: torch.Tensor) -> bytes:
     """Encode a ``(3, H, W)`` uint8 image as PNG (lossless; for charts and figures)."""
-    return _encode(image, "PNG", optimize=True)
+    return encode_png(image)
 
 
 def jpeg_bytes(image: torch.Tensor, quality: int = 88) -> bytes:
-    """Encode a ``(3, H, W)`` uint8 image as JPEG (for photographs: ~10× smaller than PNG)."""
-    return _encode(image, "JPEG", quality=quality)
+    """Encode a ``(3, H, W)`` uint8 image as JPEG (4:4:4; for photographs: ~3× smaller than PNG)."""
+    return encode_jpeg(image, quality)
+
+
+def _data_uri(kind: str, data: bytes) -> str:
+    return f"data:image/{kind};base64," + base64.b64encode(data).decode("ascii")
 
 
 def png_data_uri(image: torch.Tensor) -> str:
     """A ``data:image/png;base64,…`` URI of a ``(3, H, W)`` uint8 image."""
-    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
+    return _data_uri("png", png_bytes(image))
 
 
 def jpeg_data_uri(image: torch.Tensor, quality: int = 88) -> str:
     """A ``data:image/jpeg;base64,…`` URI of a ``(3, H, W)`` uint8 image."""
-    return "data:image/jpeg;base64," + base64.b64encode(jpeg_bytes(image, quality)).decode("ascii")
+    return _data_uri("jpeg", jpeg_bytes(image, quality))
 
 
 def _f(value: Optional[float], digits: int = 3) -> str:
@@ -149,7 +133,7 @@ def _pairs(report: dict) -> str:
                    "parts touched", "examples"), rows, numeric=(1,))
 
 
-def _sample(index: int, sample: dict, panel: Optional[torch.Tensor]) -> str:
+def _sample(index: int, sample: dict, jpeg: Optional[bytes]) -> str:
     if sample["skipped_reason"] is not None:
         verdict = f'<span class="muted">skipped: {escape(sample["skipped_reason"])}</span>'
     elif sample["success"]:
@@ -164,9 +148,9 @@ def _sample(index: int, sample: dict, panel: Optional[torch.Tensor]) -> str:
         verdict += (f" · p(true) {_f(sample['p_true_before'])} → "
                     f"{_f(sample['edits'][-1]['p_true_after'] if sample['edits'] else None)}")
     parts = [f'<div class="sample" id="sample-{index}"><h3>{title}</h3><p>{verdict}</p>']
-    if panel is not None:
+    if jpeg is not None:
         parts.append(f'<img alt="sample {index}: query, contributions, references, trajectory" '
-                     f'src="{jpeg_data_uri(panel)}">')
+                     f'src="{_data_uri("jpeg", jpeg)}">')
     if sample["edits"]:
         rows = []
         for k, e in enumerate(sample["edits"]):
@@ -199,14 +183,15 @@ def render_html(result: EpochResult, report: Optional[dict] = None, *, panel_siz
     title = f"FG-VCE report · epoch {report['epoch']}"
     body: list[Any] = [f"<h1>{escape(title)}</h1>", "<h2>Summary</h2>", _summary(report)]
     body += ["<h2>Parts behind the mistakes</h2>", _parts(report)]
-    figures = epoch_figure_images(result)
+    images = epoch_images(result, panel_size)      # the TensorBoard panels' pictures, reused
+    figures = images.figures()
     if "part_errors" in figures:
         body.append(f'<p><img alt="part error shares" '
-                    f'src="{png_data_uri(figures["part_errors"])}"></p>')
+                    f'src="{_data_uri("png", images.figure_png("part_errors"))}"></p>')
     body += ["<h2>Confusion pairs</h2>", _pairs(report)]
     if "confusion_parts" in figures:
         body.append(f'<p><img alt="confusion pair by part" '
-                    f'src="{png_data_uri(figures["confusion_parts"])}"></p>')
+                    f'src="{_data_uri("png", images.figure_png("confusion_parts"))}"></p>')
     if report["failures"]:
         body += ["<h2>Failures</h2><ul>"] + [f"<li>{escape(f)}</li>" for f in report["failures"]]
         body.append("</ul>")
@@ -215,9 +200,9 @@ def render_html(result: EpochResult, report: Optional[dict] = None, *, panel_siz
                 "predicted class, blue: for the true class) · the reference images with the "
                 "matching regions (same numbers) · p(true) and p(pred) after each edit.</p>")
     for i, (sample, data) in enumerate(zip(result.samples, report["samples"])):
-        panel = None if sample.explanation.skipped and sample.thumbnail is None else sample_panel(
-            sample, result.feature_grid, size=panel_size)
-        body.append(_sample(i, data, panel))
+        jpeg = None if sample.explanation.skipped and sample.thumbnail is None else \
+            images.panel_jpeg(i)
+        body.append(_sample(i, data, jpeg))
     body.append(f'<p class="muted">report.json schema_version {report["schema_version"]}</p>')
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}'
             f"</title><style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")

@@ -15,19 +15,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
-from torchvision.utils import draw_bounding_boxes, make_grid
+from torchvision.utils import make_grid
 
 from ..engine.results import Cell, Edit, Explanation
 from .epoch import ExplainedSample
+from .regions import EDIT_COLORS, check_grid, draw_regions
 
 __all__ = [
     "EDIT_COLORS", "cell_mask", "query_panel", "contribution_panel", "reference_panel",
     "trajectory_figure", "trajectory_image", "sample_panel",
 ]
 
-EDIT_COLORS: tuple[tuple[int, int, int], ...] = tuple(
-    tuple(int(round(255 * c)) for c in matplotlib.colormaps["tab10"](i)[:3]) for i in range(10))
-"""Outline colour of edit ``k`` is ``EDIT_COLORS[k % 10]`` (matplotlib's tab10)."""
+
 
 
 def _as_image(image: torch.Tensor, name: str) -> torch.Tensor:
@@ -60,13 +59,6 @@ def _resize(image: torch.Tensor, size: Optional[int]) -> torch.Tensor:
     return out[0].round().clamp(0, 255).to(torch.uint8)
 
 
-def _grid(feature_grid: Sequence[int]) -> tuple[int, int]:
-    if len(feature_grid) != 2 or min(int(v) for v in feature_grid) < 1:
-        raise ValueError(f"Expected `feature_grid` to be (H, W) with H, W >= 1, but got "
-                         f"{tuple(feature_grid)}.")
-    return int(feature_grid[0]), int(feature_grid[1])
-
-
 def cell_mask(cells: Sequence[Cell], feature_grid: Sequence[int],
               image_size: Sequence[int]) -> torch.Tensor:
     """Pixel mask of feature-grid cells (cell ``(r, c)`` covers the pixels that map to it).
@@ -79,7 +71,7 @@ def cell_mask(cells: Sequence[Cell], feature_grid: Sequence[int],
     Returns:
         ``(h, w)`` bool mask.
     """
-    gh, gw = _grid(feature_grid)
+    gh, gw = check_grid(feature_grid)
     grid = torch.zeros(gh, gw)
     for r, c in cells:
         if not (0 <= r < gh and 0 <= c < gw):
@@ -88,38 +80,6 @@ def cell_mask(cells: Sequence[Cell], feature_grid: Sequence[int],
         grid[r, c] = 1.0
     h, w = int(image_size[0]), int(image_size[1])
     return F.interpolate(grid[None, None], size=(h, w), mode="nearest")[0, 0] > 0.5
-
-
-def _outline(mask: torch.Tensor, width: int) -> torch.Tensor:
-    """Inner boundary (``width`` pixels) of a mask; the image border counts as outside."""
-    outside = F.pad((~mask).float()[None, None], (width,) * 4, value=1.0)
-    near_outside = F.max_pool2d(outside, kernel_size=2 * width + 1, stride=1)[0, 0] > 0.5
-    return mask & near_outside
-
-
-def _draw_regions(image: torch.Tensor, regions: Sequence[Sequence[Cell]], numbers: Sequence[int],
-                  feature_grid: Sequence[int]) -> torch.Tensor:
-    """Outline each cell set in its edit's colour and write its number at its first cell."""
-    regions_numbers = [(list(cells), n) for cells, n in zip(regions, numbers) if len(cells)]
-    if not regions_numbers:
-        return image
-    size = image.shape[1:]
-    width = max(1, round(min(size) / 80))
-    outlines, boxes, colors, labels = [], [], [], []
-    for cells, number in regions_numbers:
-        color = EDIT_COLORS[(number - 1) % len(EDIT_COLORS)]
-        outlines.append(_outline(cell_mask(cells, feature_grid, size), width))
-        anchor = cell_mask([min(cells)], feature_grid, size).nonzero()
-        (y0, x0), (y1, x1) = anchor.min(0).values.tolist(), anchor.max(0).values.tolist()
-        boxes.append([x0 + width, y0 + width, max(x1, x0 + width + 1), max(y1, y0 + width + 1)])
-        colors.append(color)
-        labels.append(str(number))
-    image = image.clone()
-    for outline, color in zip(outlines, colors):   # later edits are drawn over earlier ones
-        image[:, outline] = torch.tensor(color, dtype=torch.uint8)[:, None]
-    return draw_bounding_boxes(image, torch.tensor(boxes, dtype=torch.float32), labels=labels,
-                               colors=colors, width=0, fill_labels=True,
-                               label_colors=[(255, 255, 255)] * len(labels))
 
 
 def query_panel(thumbnail: Optional[torch.Tensor], explanation: Explanation,
@@ -139,7 +99,7 @@ def query_panel(thumbnail: Optional[torch.Tensor], explanation: Explanation,
         return None
     image = _resize(_as_image(thumbnail, "thumbnail"), size)
     edits = explanation.edits
-    return _draw_regions(image, [e.query_cells for e in edits], range(1, len(edits) + 1),
+    return draw_regions(image, [e.query_cells for e in edits], range(1, len(edits) + 1),
                          feature_grid)
 
 
@@ -208,7 +168,7 @@ def reference_panel(ref_thumbnail: Optional[torch.Tensor], edit: Union[Edit, Seq
     if len(numbers) != len(edits):
         raise ValueError(f"Expected one number per edit ({len(edits)}), but got {len(numbers)}.")
     image = _resize(_as_image(ref_thumbnail, "ref_thumbnail"), size)
-    return _draw_regions(image, [e.reference_cells for e in edits], numbers, feature_grid)
+    return draw_regions(image, [e.reference_cells for e in edits], numbers, feature_grid)
 
 
 def _edits(n: int) -> str:

@@ -4,22 +4,28 @@ The reporter is duck-typed on the writer (``torch.utils.tensorboard.SummaryWrite
 writer, or Lightning's ``TensorBoardLogger`` whose ``.experiment`` is a ``SummaryWriter``); it never
 imports Lightning or TensorBoard itself. Whatever the writer lacks (``add_custom_scalars``,
 ``add_image``, ``add_text``) is skipped.
+
+Images are encoded once per epoch (:mod:`~fgvce_lightning.reporting.rendered`, shared with
+``report.html``). Given a ``torch.utils.tensorboard.SummaryWriter`` whose ``add_image`` is torch's
+own, the reporter writes those bytes as the image summary directly (``add_image`` would encode
+again, as PNG with zlib's slowest usual setting): the figures as PNG, the sample panels as JPEG
+(``sample_format="jpeg"``, the default: the bytes ``report.html`` embeds) or PNG. Any other writer
+gets ``add_image`` with the tensor.
 """
 
 from __future__ import annotations
 
 import html
 import math
+import sys
 from typing import Any, Callable, Iterable, Optional
 
-from torchvision.utils import make_grid
-
 from .epoch import EpochResult
-from .figures import class_label, epoch_figure_images
-from .images import sample_panels
+from .figures import class_label
+from .rendered import EpochImages, epoch_images
 from .scalars import custom_scalars_layout, epoch_scalars
 
-__all__ = ["TensorBoardReporter", "markdown_summary", "select_samples"]
+__all__ = ["TensorBoardReporter", "markdown_summary", "select_samples", "image_summary"]
 
 
 def _fmt(value: Optional[float], digits: int = 3) -> str:
@@ -113,9 +119,8 @@ class TensorBoardReporter:
     - scalars of :func:`~fgvce_lightning.reporting.scalars.epoch_scalars` (optional, since the
       callback may send them through every logger's ``log_metrics`` instead);
     - the custom-scalars layout "part-error panels" (once, on the first call);
-    - ``P/samples/<i>``: query | contributions | references | trajectory side by side, and the
-      single panels ``P/query/<i>``, ``P/contributions/<i>``, ``P/reference/<i>`` (first
-      reference) and ``P/trajectory/<i>`` for the ``i``-th shown sample, ``i < max_images``;
+    - ``P/samples/<i>``: query | contributions | references | trajectory side by side, one image
+      for the ``i``-th shown sample, ``i < max_images``;
     - ``P/figures/part_errors`` and ``P/figures/confusion_parts`` (rendered figures);
     - ``P/summary``: the :func:`markdown_summary` text.
 
@@ -125,10 +130,13 @@ class TensorBoardReporter:
         prefix: tag prefix.
         max_images: at most this many samples get images per epoch.
         panel_size: side of each image panel in pixels.
+        sample_format: ``"jpeg"`` (quality 88, 4:4:4; a third of the PNG's bytes, a tenth of its
+            encoding time) or ``"png"`` (lossless) for the sample panels written directly to a
+            torch ``SummaryWriter``; figures are always PNG.
     """
 
     def __init__(self, writer_or_experiment: Any, prefix: str = "fgvce", max_images: int = 8,
-                 panel_size: int = 160) -> None:
+                 panel_size: int = 160, sample_format: str = "jpeg") -> None:
         writer = writer_or_experiment
         if not _is_writer(writer) and _is_writer(getattr(writer, "experiment", None)):
             writer = writer.experiment
@@ -142,11 +150,15 @@ class TensorBoardReporter:
             raise ValueError(f"Expected `max_images` to be an int >= 0, but got {max_images!r}.")
         if not isinstance(panel_size, int) or panel_size < 32:
             raise ValueError(f"Expected `panel_size` to be an int >= 32, but got {panel_size!r}.")
+        if sample_format not in ("jpeg", "png"):
+            raise ValueError(f"Expected `sample_format` to be 'jpeg' or 'png', but got "
+                             f"{sample_format!r}.")
         custom_scalars_layout((), prefix)  # validates the prefix now, not at the first epoch
         self.writer = writer
         self.prefix = prefix
         self.max_images = max_images
         self.panel_size = panel_size
+        self.sample_format = sample_format
         self.layout_written = False
 
     def log_layout(self, part_names: Iterable[str] = ()) -> bool:
@@ -184,28 +196,78 @@ class TensorBoardReporter:
             for tag, value in epoch_scalars(result, p).items():
                 w.add_scalar(tag, value, step)
         if hasattr(w, "add_image"):
+            images = epoch_images(result, self.panel_size)
             for slot, index in enumerate(select_samples(result, self.max_images)):
                 if stop():
                     break
-                self._log_sample(result, index, slot, step)
+                # one image per sample, its panels side by side (each panel also as an image of
+                # its own cost four more PNG encodings per sample)
+                self._add_image(f"{p}/samples/{slot}", images, ("panel", index), step)
                 drawn += 1
             if not stop():
-                for name, image in epoch_figure_images(result).items():
-                    w.add_image(f"{p}/figures/{name}", image, step, dataformats="CHW")
+                for name in images.figures():
+                    self._add_image(f"{p}/figures/{name}", images, ("figure", name), step)
         if hasattr(w, "add_text"):
             w.add_text(f"{p}/summary", markdown_summary(result), step)
         if hasattr(w, "flush"):
             w.flush()
         return drawn
 
-    def _log_sample(self, result: EpochResult, index: int, slot: int, step: int) -> None:
-        panels = sample_panels(result.samples[index], result.feature_grid, size=self.panel_size)
-        if not panels:
+    def _add_image(self, tag: str, images: EpochImages, which: tuple, step: int) -> None:
+        """Write a sample panel (``("panel", index)``) or a figure (``("figure", name)``)."""
+        kind, key = which
+        image = images.panel(key) if kind == "panel" else images.figures()[key]
+        if image is None:
             return
-        # one image per sample, its panels side by side (each panel also as an image of its own
-        # cost four more PNG encodings per sample: 0.37 of the 1.10 s of an 8-sample epoch)
-        grid = make_grid(list(panels.values()), nrow=len(panels), padding=2, pad_value=255)
-        self.writer.add_image(f"{self.prefix}/samples/{slot}", grid, step, dataformats="CHW")
+        direct = _png_file_writer(self.writer)
+        if direct is None:
+            self.writer.add_image(tag, image, step, dataformats="CHW")
+            return
+        file_writer, summary_cls = direct
+        if kind == "figure":
+            data = images.figure_png(key)
+        else:
+            data = images.panel_jpeg(key) if self.sample_format == "jpeg" else images.panel_png(key)
+        file_writer.add_summary(image_summary(tag, data, image.shape[1], image.shape[2],
+                                              summary_cls), step)
+
+
+def image_summary(tag: str, data: bytes, height: int, width: int, summary_cls: Any) -> Any:
+    """A TensorBoard ``Summary`` with one RGB image given as encoded PNG or JPEG bytes (what
+    ``SummaryWriter.add_image`` writes, without encoding again).
+
+    Args:
+        tag: the image's tag.
+        data: the PNG or JPEG file's bytes.
+        height, width: the image's size in pixels.
+        summary_cls: TensorBoard's ``Summary`` protocol buffer class.
+
+    Raises:
+        ValueError: when ``data`` is neither PNG nor JPEG or the size is not positive.
+    """
+    head = bytes(data[:8]) if isinstance(data, (bytes, bytearray)) else None
+    if head is None or not (head == b"\x89PNG\r\n\x1a\n" or head[:3] == b"\xff\xd8\xff"):
+        raise ValueError(f"Expected `data` to be PNG- or JPEG-encoded bytes, but got "
+                         f"{type(data).__name__} starting {head!r}.")
+    if int(height) < 1 or int(width) < 1:
+        raise ValueError(f"Expected a positive image size, but got {height}×{width}.")
+    image = summary_cls.Image(height=int(height), width=int(width), colorspace=3,
+                              encoded_image_string=bytes(data))
+    return summary_cls(value=[summary_cls.Value(tag=tag, image=image)])
+
+
+def _png_file_writer(writer: Any) -> Optional[tuple[Any, Any]]:
+    """``(event file writer, Summary class)`` of a ``torch.utils.tensorboard.SummaryWriter``
+    whose ``add_image`` is torch's own (so encoded PNG bytes can be written as they are), else
+    ``None``. Imports nothing: such a writer's modules are loaded already."""
+    module = sys.modules.get("torch.utils.tensorboard.writer")
+    cls = getattr(module, "SummaryWriter", None)
+    summary_cls = getattr(sys.modules.get("torch.utils.tensorboard.summary"), "Summary", None)
+    if cls is None or summary_cls is None or not isinstance(writer, cls) \
+            or type(writer).add_image is not cls.add_image:
+        return None
+    get = getattr(writer, "_get_file_writer", None)
+    return (get(), summary_cls) if callable(get) else None
 
 
 def _is_writer(obj: Any) -> bool:

@@ -70,8 +70,8 @@ def test_epoch_figures_are_drawn_once_per_result(monkeypatch, make_result):
 
     build_result = make_result
     calls = []
-    real = figures.part_error_figure
-    monkeypatch.setattr(figures, "part_error_figure", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = figures._part_errors
+    monkeypatch.setattr(figures, "_part_errors", lambda *a, **k: calls.append(1) or real(*a, **k))
     result = build_result()
     first = figures.epoch_figure_images(result)
     assert set(first) == {"part_errors", "confusion_parts"}

@@ -97,3 +97,56 @@ def test_sample_panel_combines_available_panels(result):
     assert sample_panel(result.samples[2], GRID) is None     # skipped, no thumbnail
     with pytest.raises(ValueError, match="feature_grid"):
         sample_panel(result.samples[1])
+
+
+def _reference_regions(image, regions, numbers, feature_grid):
+    """The drawing draw_regions replaced: the pixel mask outlined by a max filter, the numbers by
+    torchvision's draw_bounding_boxes (one PIL round trip)."""
+    import torch.nn.functional as F
+    from torchvision.utils import draw_bounding_boxes
+
+    regions_numbers = [(list(cells), n) for cells, n in zip(regions, numbers) if len(cells)]
+    if not regions_numbers:
+        return image
+    size = image.shape[1:]
+    width = max(1, round(min(size) / 80))
+    outlines, boxes, colors, labels = [], [], [], []
+    for cells, number in regions_numbers:
+        mask = cell_mask(cells, feature_grid, size)
+        outside = F.pad((~mask).float()[None, None], (width,) * 4, value=1.0)
+        near = F.max_pool2d(outside, kernel_size=2 * width + 1, stride=1)[0, 0] > 0.5
+        outlines.append(mask & near)
+        anchor = cell_mask([min(cells)], feature_grid, size).nonzero()
+        (y0, x0), (y1, x1) = anchor.min(0).values.tolist(), anchor.max(0).values.tolist()
+        boxes.append([x0 + width, y0 + width, max(x1, x0 + width + 1), max(y1, y0 + width + 1)])
+        colors.append(EDIT_COLORS[(number - 1) % len(EDIT_COLORS)])
+        labels.append(str(number))
+    image = image.clone()
+    for outline, color in zip(outlines, colors):
+        image[:, outline] = torch.tensor(color, dtype=torch.uint8)[:, None]
+    return draw_bounding_boxes(image, torch.tensor(boxes, dtype=torch.float32), labels=labels,
+                               colors=colors, width=0, fill_labels=True,
+                               label_colors=[(255, 255, 255)] * len(labels))
+
+
+def test_draw_regions_matches_mask_outlines_and_torchvision_labels():
+    import random
+
+    from fgvce_lightning.reporting.regions import draw_regions
+
+    rng = random.Random(0)
+    for trial in range(120):
+        gh, gw = rng.choice([(4, 4), (7, 7), (14, 14), (3, 5), (1, 1)])
+        h, w = rng.choice([(160, 160), (64, 64), (160, 120), (97, 160), (30, 30)])
+        image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8,
+                              generator=torch.Generator().manual_seed(trial))
+        n = rng.randint(1, 12)               # up to 12 edits: two-digit labels, colours wrap
+        regions = [[(rng.randrange(gh), rng.randrange(gw)) for _ in range(rng.randint(1, 5))]
+                   for _ in range(n)]
+        numbers = list(range(1, n + 1))
+        expected = _reference_regions(image, regions, numbers, (gh, gw))
+        drawn = draw_regions(image, regions, numbers, (gh, gw))
+        assert torch.equal(drawn, expected), (trial, gh, gw, h, w, regions)
+    with pytest.raises(ValueError, match="within the feature grid"):
+        draw_regions(image, [[(0, 9)]], [1], (4, 4))
+    assert draw_regions(image, [[]], [1], (4, 4)) is image
