@@ -364,8 +364,9 @@ def _shapley_masks(h: int, w: int, window: int, num_samples: int, antithetic: bo
     present = ~in_win[:, None, :] | before                                  # without u
     with_u = present | (cells[:, None] == cells[None])[:, None, :]
     coalitions = torch.stack([present, with_u], dim=2).view(-1, hw)         # (HW·S·2, HW)
-    masks, inverse = torch.unique(coalitions, dim=0, return_inverse=True)
-    return masks.view(-1, h, w), inverse
+    # rows compared as uint8 (an integer type every backend's unique over rows supports)
+    masks, inverse = torch.unique(coalitions.to(torch.uint8), dim=0, return_inverse=True)
+    return masks.bool().view(-1, h, w), inverse
 
 
 # ----------------------------------------------------------------------------------------------
