@@ -23,11 +23,11 @@ class SearchConfig:
 
     Attributes:
         window: odd size of the local Shapley window (players of each cell's game).
-        num_samples: Monte Carlo permutations per cell (``2 · H · W · num_samples`` head
-            evaluations). One by default: on bench_parts' three seeds two (an antithetic pair)
-            gave the same known answers within one standard error (first edit on a separating
-            part 301 against 299 of 538 mistakes, on the known cause 201 against 193 of 328)
-            at twice the cost.
+        num_samples: Monte Carlo permutations per cell (at most ``2 · H · W · num_samples``
+            head evaluations: each distinct coalition is evaluated once). One by default: on
+            bench_parts' three seeds two (an antithetic pair) gave the same known answers within
+            one standard error (first edit on a separating part 301 against 299 of 538
+            mistakes, on the known cause 201 against 193 of 328) at twice the cost.
         antithetic: pair every permutation with its reverse.
         max_edits: most region edits per query (for ``greedy_search``: see its ``max_cells``).
         minimality: drop edits that the flip does not need after the search.

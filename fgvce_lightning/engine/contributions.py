@@ -146,8 +146,8 @@ def _evaluate_masked(head: Head, query: torch.Tensor, absent: torch.Tensor, true
                                  f"{logits.shape[1]} logits. Check the labels and the model split "
                                  "(`head`).")
             first = False
-            rows = torch.arange(q0, q1, device=query.device).repeat_interleave(nk)
-            out[q0:q1, k0:k1] = margin(logits, true[rows], pred[rows]).view(nq, nk)
+            out[q0:q1, k0:k1] = margin(logits, true[q0:q1].repeat_interleave(nk),
+                                       pred[q0:q1].repeat_interleave(nk)).view(nq, nk)
             del logits
     return out
 
@@ -312,8 +312,9 @@ def local_shapley(head: Head, query: torch.Tensor, absent: torch.Tensor, true: t
     hw, device = h * w, query.device
     evals = torch.zeros(n, dtype=torch.long, device=device)
     with torch.no_grad():
-        # the orders are drawn first, so they do not depend on whether the check runs
-        masks, inverse = _shapley_masks(h, w, window, num_samples, antithetic, generator, device)
+        # the orders are drawn first, so they do not depend on whether the check runs (the
+        # coalitions are built only when the check sends the queries to the samples)
+        orders = _shapley_orders(hw, num_samples, antithetic, generator, device)
         if exact_if_additive:
             _check_positive_int(num_pairs, "num_pairs")
             ok, values, evals = _additive_closed_form(
@@ -322,6 +323,7 @@ def local_shapley(head: Head, query: torch.Tensor, absent: torch.Tensor, true: t
             if values is not None and bool(ok.all()):
                 return ContributionResult(values.float().contiguous(), evals.cpu(), True)
 
+        masks, inverse = _shapley_masks(h, w, window, orders)
         u = masks.shape[0]
         v = _evaluate_masked(head, query, absent, true, pred, masks, chunk_size,
                              num_classes)[:, inverse].view(n, hw, num_samples, 2)
@@ -330,33 +332,37 @@ def local_shapley(head: Head, query: torch.Tensor, absent: torch.Tensor, true: t
     return ContributionResult(values.contiguous(), evals.cpu(), False)
 
 
-def _shapley_masks(h: int, w: int, window: int, num_samples: int, antithetic: bool,
-                   generator: torch.Generator, device: torch.device
+def _shapley_orders(hw: int, num_samples: int, antithetic: bool, generator: torch.Generator,
+                    device: torch.device) -> torch.Tensor:
+    """``(S, H·W)`` position of every cell in sample ``s``'s random order of the grid (with
+    ``antithetic``, odd samples take the reverse of the order before them)."""
+    num_base = (num_samples + 1) // 2 if antithetic else num_samples
+    ranks = torch.rand(num_base, hw, generator=generator, device=generator.device)
+    ranks = ranks.argsort(dim=1).argsort(dim=1).to(device)                 # (P, HW) positions
+    sample = torch.arange(num_samples, device=device)
+    pos = ranks[sample // 2 if antithetic else sample]                     # (S, HW)
+    if antithetic:
+        pos = torch.where((sample % 2 == 1)[:, None], hw - 1 - pos, pos)
+    return pos
+
+
+def _shapley_masks(h: int, w: int, window: int, pos: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The distinct coalitions the Monte Carlo estimate evaluates, shared by every query.
 
-    Sample ``s`` draws one random order of the whole grid (with ``antithetic``, odd samples take
-    the reverse of the order before them); cell ``u``'s window game plays that order restricted
-    to its window, which is a uniformly random order of the window's players. Coalition
-    ``(u, s, with_u)`` keeps every cell outside ``u``'s window, the window cells before ``u`` and,
-    when ``with_u``, ``u`` itself. Orders shared by the cells make many coalitions coincide (the
-    full map whenever ``u`` comes last in its window; with a window covering the grid, the
-    "with" coalition of one cell is the "without" coalition of the next, as in the chain
-    sampler of the global game), so each is evaluated once.
+    ``pos`` ``(S, H·W)`` are the samples' orders of the whole grid (:func:`_shapley_orders`);
+    cell ``u``'s window game plays each order restricted to its window, which is a uniformly
+    random order of the window's players. Coalition ``(u, s, with_u)`` keeps every cell outside
+    ``u``'s window, the window cells before ``u`` and, when ``with_u``, ``u`` itself. Orders
+    shared by the cells make many coalitions coincide (the full map whenever ``u`` comes last in
+    its window; with a window covering the grid, the "with" coalition of one cell is the
+    "without" coalition of the next, as in the chain sampler of the global game), so each is
+    evaluated once.
 
     Returns ``masks (U, H, W)`` bool, the distinct "present" maps, and ``inverse (H·W·S·2,)``:
     the mask of coalition ``(u, s, with_u)`` (row-major) is ``masks[inverse[...]]``.
     """
-    hw, r = h * w, window // 2
-    num_base = (num_samples + 1) // 2 if antithetic else num_samples
-    ranks = torch.rand(num_base, hw, generator=generator, device=generator.device)
-    ranks = ranks.argsort(dim=1).argsort(dim=1).to(device)                 # (P, HW) positions
-    base = torch.arange(num_samples, device=device) // 2 if antithetic else \
-        torch.arange(num_samples, device=device)
-    pos = ranks[base]                                                      # (S, HW)
-    if antithetic:
-        reverse = (torch.arange(num_samples, device=device) % 2 == 1)[:, None]
-        pos = torch.where(reverse, hw - 1 - pos, pos)
+    hw, r, device = h * w, window // 2, pos.device
     cells = torch.arange(hw, device=device)
     ii, jj = cells // w, cells % w
     in_win = ((ii[:, None] - ii[None]).abs() <= r) & ((jj[:, None] - jj[None]).abs() <= r)

@@ -235,10 +235,9 @@ def _search(head: Head, b: QueryBatch, config: SearchConfig, generator: torch.Ge
     r_max = int(num_regions.max())
     region_ref = torch.zeros(m, r_max, dtype=torch.long, device=device)        # (M, R) column
     repl = aligned[:, 0].clone()                                                # (M, C, HW)
-    all_rows = torch.arange(m, device=device)
-
-    def edited(idx: torch.Tensor, cell_mask: torch.Tensor) -> torch.Tensor:
-        if idx.numel() == m and bool((idx == all_rows).all()):    # every query: no row copies
+    def edited(idx: Optional[torch.Tensor], cell_mask: torch.Tensor) -> torch.Tensor:
+        """The queries ``idx`` (``None``: all, without row copies) with ``cell_mask`` swapped."""
+        if idx is None:
             return torch.where(cell_mask[:, None], repl, qflat).view(-1, c, h, w)
         return torch.where(cell_mask[:, None], repl[idx], qflat[idx]).view(-1, c, h, w)
 
@@ -256,8 +255,9 @@ def _search(head: Head, b: QueryBatch, config: SearchConfig, generator: torch.Ge
         a = idx.numel()
         ok_l = ref_ok[idx]                                                      # (A, P)
         nv = ok_l.shape[1]
-        feat_l = aligned if a == m else aligned[idx]                            # (A, P, C, HW)
-        base = edited(idx, regions[idx] < t).view(a, 1, c, hw)
+        every = a == m                                    # (idx is sorted: all of them)
+        feat_l = aligned if every else aligned[idx]                             # (A, P, C, HW)
+        base = edited(None if every else idx, regions[idx] < t).view(a, 1, c, hw)
         in_region = (regions[idx] == t)[:, None, None, :]                       # (A, 1, 1, HW)
         variants = torch.where(in_region, feat_l, base).reshape(a * nv, c, h, w)
         usable = ok_l.reshape(-1)                      # evaluate only candidates that exist
