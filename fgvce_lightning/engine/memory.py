@@ -49,7 +49,8 @@ def head_activation_bytes(head: Head, sample: torch.Tensor,
     The hooks go on ``head`` when it is an ``nn.Module`` and on ``modules`` (e.g. the model a
     plain ``head`` function calls into: only the submodules the head runs report); with neither,
     four maps' worth is assumed. Cached per head and map shape."""
-    key = (tuple(sample.shape[1:]), sample.dtype, str(sample.device), len(modules))
+    key = (tuple(sample.shape[1:]), sample.dtype, str(sample.device),
+           tuple(id(m) for m in modules))
     try:
         cached = _activation_cache.setdefault(head, {})
     except TypeError:                    # (not weakly referenceable: measured every time)
